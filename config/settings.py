@@ -1,0 +1,166 @@
+"""Immutable settings values: what a validated config file means.
+
+These classes only store values; `config.loader.load_settings` parses, validates and
+builds them. Durations are float seconds, weights are whole percents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Action = Literal["pause", "step_back", "rollback"]
+ArmName = Literal["baseline", "canary"]
+ARMS: tuple[ArmName, ArmName] = ("baseline", "canary")
+
+__all__ = [
+    "ARMS",
+    "Action",
+    "AdminSettings",
+    "AnalysisSettings",
+    "ArmName",
+    "ErrorThresholds",
+    "HostPort",
+    "LatencyThresholds",
+    "LoggingSettings",
+    "PoolSettings",
+    "RetrySettings",
+    "RolloutSettings",
+    "RoutingSettings",
+    "Settings",
+    "StateSettings",
+    "StickyKey",
+    "TimeoutSettings",
+    "UpstreamSettings",
+    "Upstreams",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeoutSettings:
+    connect: float = 5.0
+    total: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSettings:
+    max_connections: int = 20
+    max_keepalive: int = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrySettings:
+    """Retries apply only to failures before the request was sent (connect errors)."""
+
+    attempts: int = 2
+    backoff: float = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamSettings:
+    name: ArmName
+    url: str
+    http2: bool = False
+    timeout: TimeoutSettings = field(default_factory=TimeoutSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    retries: RetrySettings = field(default_factory=RetrySettings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Upstreams:
+    baseline: UpstreamSettings
+    canary: UpstreamSettings
+
+    def get(self, arm: ArmName) -> UpstreamSettings:
+        return self.baseline if arm == "baseline" else self.canary
+
+
+@dataclass(frozen=True, kw_only=True)
+class StickyKey:
+    """Where a request's sticky key comes from: a header or a cookie."""
+
+    source: Literal["header", "cookie"]
+    name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingSettings:
+    paths: tuple[str, ...] = ("/",)
+    sticky_key: StickyKey | None = StickyKey(source="header", name="X-User-Id")
+    force_header: str = "X-Canary"
+    arm_header: str = "X-Canary-Arm"  # "" disables the response header
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutSettings:
+    stages: tuple[int, ...] = (5, 25, 50, 100)
+    bake: float = 600.0
+    min_requests: int = 100
+    auto_promote: bool = True
+    weight: int | None = None  # a pinned weight (state `manual`)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ErrorThresholds:
+    warning: float = 0.05
+    critical: float = 0.10
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatencyThresholds:
+    p95_warning: float = 5.0
+    p99_critical: float = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnalysisSettings:
+    window: float = 60.0
+    interval: float = 1.0
+    min_requests: int = 20
+    errors: ErrorThresholds = field(default_factory=ErrorThresholds)
+    latency: LatencyThresholds = field(default_factory=LatencyThresholds)
+    on_warning: Action = "step_back"
+    on_critical: Action = "rollback"
+    compare_baseline: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminSettings:
+    listen: HostPort = HostPort(host="127.0.0.1", port=8081)
+    token: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateSettings:
+    path: Path = Path("var/canary-state.json")  # made absolute by the loader
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    upstreams: Upstreams
+    listen: HostPort = HostPort(host="0.0.0.0", port=8080)
+    drain_timeout: float = 30.0
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    source: Path | None = None  # the file these settings were loaded from
