@@ -1,0 +1,107 @@
+"""HTTP/2 upstream client: `httpx.AsyncHTTPTransport` used directly.
+
+Going through the transport rather than `AsyncClient` means no default headers, no
+cookie jar, no redirects and no body decoding: the proxy forwards exactly what it got.
+The total timeout is enforced as one deadline over the headers and the whole body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterable, AsyncIterator
+
+import httpx
+from multidict import CIMultiDict
+
+from config.errors import PoolExhausted, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from config.settings import UpstreamSettings
+from proxy.client_transport import UpstreamResponse
+
+__all__ = ["HttpxTransport"]
+
+_CONNECT_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+class _HttpxResponse:
+    __slots__ = ("_arm", "_response", "_deadline", "status", "reason", "headers")
+
+    def __init__(self, arm: str, response: httpx.Response, deadline: float) -> None:
+        self._arm = arm
+        self._response = response
+        self._deadline = deadline
+        self.status = response.status_code
+        self.reason = response.reason_phrase
+        self.headers = CIMultiDict(response.headers.multi_items())
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        stream = self._response.stream.__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                return
+            except (TimeoutError, httpx.HTTPError) as exc:
+                raise _translate(self._arm, exc) from None
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpxTransport:
+    def __init__(self, upstream: UpstreamSettings) -> None:
+        self._arm = upstream.name
+        self._base = upstream.url
+        self._retries = upstream.retries
+        self._total = upstream.timeout.total
+        connect = upstream.timeout.connect
+        self._timeouts = {"connect": connect, "read": None, "write": None, "pool": connect}
+        self._transport = httpx.AsyncHTTPTransport(
+            http2=True,
+            limits=httpx.Limits(
+                max_connections=upstream.pool.max_connections,
+                max_keepalive_connections=upstream.pool.max_keepalive,
+            ),
+            retries=0,
+            trust_env=False,
+        )
+
+    async def send(
+        self, method: str, path_qs: str, headers: CIMultiDict[str], body: AsyncIterable[bytes] | None
+    ) -> UpstreamResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._total
+        request = httpx.Request(
+            method,
+            self._base + path_qs,
+            headers=list(headers.items()),
+            content=body,
+            extensions={"timeout": self._timeouts},
+        )
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    response = await self._transport.handle_async_request(request)
+                return _HttpxResponse(self._arm, response, deadline)
+            except _CONNECT_FAILURES as exc:
+                if attempt >= self._retries.attempts:
+                    raise _translate(self._arm, exc) from None
+                await asyncio.sleep(self._retries.backoff * 2**attempt)
+                attempt += 1
+            except (TimeoutError, httpx.HTTPError) as exc:
+                raise _translate(self._arm, exc) from None
+
+    async def close(self) -> None:
+        await self._transport.aclose()
+
+
+def _translate(arm: str, exc: BaseException) -> UpstreamError:
+    if isinstance(exc, httpx.PoolTimeout):
+        return PoolExhausted(arm, f"{arm}: all connections busy")
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+        return UpstreamTimeout(arm, f"{arm}: upstream timed out ({exc.__class__.__name__})")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamConnectError(arm, f"{arm}: cannot connect to upstream: {exc}")
+    return UpstreamConnectError(arm, f"{arm}: upstream connection failed: {exc!r}")

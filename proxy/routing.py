@@ -1,0 +1,85 @@
+"""Choosing an arm for a request: the split, the sticky key, the force header, the paths.
+
+The router holds one immutable `RoutingSnapshot`; changing the weight or the routing
+settings swaps the snapshot in one assignment, so a request in progress always sees one
+consistent view and the hot path never parses config.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping, Protocol
+
+from config.settings import ArmName, RoutingSettings, StickyKey
+
+__all__ = ["Router", "RoutingSnapshot", "sticky_bucket", "BUCKETS"]
+
+BUCKETS = 10_000  # a sticky key maps to one of these; weight w% sends buckets < w*100
+
+
+def sticky_bucket(key: str) -> int:
+    """A stable bucket for a key: the same on every process, restart and platform."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % BUCKETS
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingSnapshot:
+    weight: int
+    paths: tuple[str, ...]
+    sticky_key: StickyKey | None
+    force_header: str
+    arm_header: str
+
+    @classmethod
+    def from_settings(cls, routing: RoutingSettings, weight: int) -> RoutingSnapshot:
+        return cls(
+            weight=weight,
+            paths=routing.paths,
+            sticky_key=routing.sticky_key,
+            force_header=routing.force_header,
+            arm_header=routing.arm_header,
+        )
+
+
+class RequestLike(Protocol):
+    path: str
+    headers: Mapping[str, str]
+    cookies: Mapping[str, str]
+
+
+class Router:
+    """Implements the rollout's `TrafficSplit`: the controller only calls `set_weight`."""
+
+    def __init__(self, snapshot: RoutingSnapshot, *, rng: Callable[[], float] = random.random) -> None:
+        self.snapshot = snapshot
+        self._rng = rng
+
+    def set_weight(self, weight: int) -> None:
+        self.snapshot = replace(self.snapshot, weight=weight)
+
+    def set_routing(self, routing: RoutingSettings) -> None:
+        self.snapshot = RoutingSnapshot.from_settings(routing, self.snapshot.weight)
+
+    def choose_arm(self, request: RequestLike) -> ArmName:
+        snap = self.snapshot
+        headers = request.headers
+        if snap.force_header:
+            forced = headers.get(snap.force_header)
+            if forced == "canary" or forced == "baseline":
+                return forced
+        if not request.path.startswith(snap.paths):
+            return "baseline"
+        weight = snap.weight
+        if weight <= 0:
+            return "baseline"
+        if weight >= 100:
+            return "canary"
+        key = None
+        sticky = snap.sticky_key
+        if sticky is not None:
+            key = headers.get(sticky.name) if sticky.source == "header" else request.cookies.get(sticky.name)
+        if key:
+            return "canary" if sticky_bucket(key) < weight * (BUCKETS // 100) else "baseline"
+        return "canary" if self._rng() * 100 < weight else "baseline"

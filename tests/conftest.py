@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import Any, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from config.settings import (
+    PoolSettings,
+    RetrySettings,
+    RoutingSettings,
+    StickyKey,
+    TimeoutSettings,
+    UpstreamSettings,
+)
+from proxy.client_transport import make_transport
+from proxy.routing import Router, RoutingSnapshot
+from proxy.web_proxy import ProxyState, make_proxy_app
+from rollout.evidence import OutcomeRecorder
+from tests.upstreams import make_upstream_app
+
+
+@pytest.fixture
+async def upstreams(aiohttp_server) -> dict[str, TestServer]:
+    """A real baseline and canary upstream on 127.0.0.1."""
+    return {
+        "baseline": await aiohttp_server(make_upstream_app("baseline")),
+        "canary": await aiohttp_server(make_upstream_app("canary")),
+    }
+
+
+def upstream_settings(name: str, server: TestServer | str, **overrides: Any) -> UpstreamSettings:
+    url = server if isinstance(server, str) else str(server.make_url("")).rstrip("/")
+    values: dict[str, Any] = dict(
+        name=name,
+        url=url,
+        timeout=TimeoutSettings(connect=2.0, total=10.0),
+        pool=PoolSettings(max_connections=100, max_keepalive=20),
+        retries=RetrySettings(attempts=1, backoff=0.01),
+    )
+    values.update(overrides)
+    return UpstreamSettings(**values)
+
+
+ProxyFactory = Callable[..., Awaitable[tuple[TestServer, ProxyState]]]
+
+
+@pytest.fixture
+async def proxy_factory(aiohttp_server, upstreams) -> ProxyFactory:
+    """Start the real proxy app in front of `upstreams` (or given upstream settings)."""
+    states: list[ProxyState] = []
+
+    async def start(
+        *,
+        weight: int = 50,
+        routing: RoutingSettings | None = None,
+        baseline: UpstreamSettings | None = None,
+        canary: UpstreamSettings | None = None,
+        seed: int | None = None,
+    ) -> tuple[TestServer, ProxyState]:
+        routing = routing or RoutingSettings()
+        rng = random.Random(seed).random if seed is not None else random.random
+        settings = {
+            "baseline": baseline or upstream_settings("baseline", upstreams["baseline"]),
+            "canary": canary or upstream_settings("canary", upstreams["canary"]),
+        }
+        state = ProxyState(
+            router=Router(RoutingSnapshot.from_settings(routing, weight), rng=rng),
+            recorder=OutcomeRecorder(window=60, warn_limit=5, crit_limit=10),
+            transports={arm: make_transport(s) for arm, s in settings.items()},
+            clock=__import__("time").monotonic,
+        )
+        states.append(state)
+        server = await aiohttp_server(make_proxy_app(state))
+        return server, state
+
+    yield start
+    for state in states:
+        for transport in state.transports.values():
+            await transport.close()
+
+
+__all__ = ["upstream_settings", "ProxyFactory", "replace", "StickyKey", "web"]

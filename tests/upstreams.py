@@ -1,0 +1,117 @@
+"""Tiny real upstream servers for the tests: an echo app that can be told how to answer."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+
+from aiohttp import web
+
+__all__ = ["STATS", "UpstreamStats", "make_upstream_app", "GZIP_BODY"]
+
+
+class UpstreamStats:
+    """What the test can observe and steer on a running upstream."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.inflight = 0
+        self.release = asyncio.Event()
+
+
+STATS = web.AppKey("stats", UpstreamStats)
+
+GZIP_BODY = gzip.compress(b"hello compressed world " * 100)
+
+
+def make_upstream_app(name: str) -> web.Application:
+    """Answers as `name`; the path picks the behaviour (see the handlers)."""
+    app = web.Application(client_max_size=1024**4)
+    stats = app[STATS] = UpstreamStats()
+
+    async def count(request: web.Request, handler):
+        stats.hits += 1
+        stats.inflight += 1
+        try:
+            return await handler(request)
+        finally:
+            stats.inflight -= 1
+
+    app.middlewares.append(web.middleware(count))
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(
+            {
+                "arm": name,
+                "method": request.method,
+                "path_qs": request.path_qs,
+                "headers": {k: v for k, v in request.headers.items()},
+                "body_len": len(body),
+            },
+            headers={"Connection": "keep-alive, X-Hop", "X-Hop": "secret-hop", "Keep-Alive": "timeout=5",
+                     "Set-Cookie": "k=v"},
+        )
+
+    async def status(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]), text=f"{name} says {request.match_info['code']}")
+
+    async def gzipped(request: web.Request) -> web.Response:
+        return web.Response(body=GZIP_BODY, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await stats.release.wait()  # the test releases the rest once it saw the first event
+        for i in range(3):
+            await response.write(f"data: {i}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def sleep(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.match_info["seconds"]))
+        return web.Response(text=f"{name} slept")
+
+    async def hang(request: web.Request) -> web.Response:
+        await stats.release.wait()
+        return web.Response(text=f"{name} released")
+
+    async def upload(request: web.Request) -> web.Response:
+        total = 0
+        async for chunk in request.content.iter_any():
+            total += len(chunk)
+        return web.json_response({"received": total})
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        size = int(request.match_info["size"])
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = size
+        await response.prepare(request)
+        block = b"x" * 65536
+        sent = 0
+        while sent < size:
+            piece = block[: min(len(block), size - sent)]
+            await response.write(piece)
+            sent += len(piece)
+        return response
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b"partial")
+        request.transport.close()
+        return response
+
+    app.router.add_route("*", "/status/{code}", status)
+    app.router.add_get("/gzip", gzipped)
+    app.router.add_get("/sse", sse)
+    app.router.add_get("/sleep/{seconds}", sleep)
+    app.router.add_get("/hang", hang)
+    app.router.add_post("/upload", upload)
+    app.router.add_get("/download/{size}", download)
+    app.router.add_get("/broken", broken)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
