@@ -23,10 +23,11 @@ _CONNECT_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 class _HttpxResponse:
-    __slots__ = ("_arm", "_response", "_deadline", "status", "reason", "headers")
+    __slots__ = ("_arm", "_owner", "_response", "_deadline", "status", "reason", "headers")
 
-    def __init__(self, arm: str, response: httpx.Response, deadline: float) -> None:
-        self._arm = arm
+    def __init__(self, owner: HttpxTransport, response: httpx.Response, deadline: float) -> None:
+        self._owner: HttpxTransport | None = owner
+        self._arm = owner.arm
         self._response = response
         self._deadline = deadline
         self.status = response.status_code
@@ -46,12 +47,16 @@ class _HttpxResponse:
             yield chunk
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        if self._owner is not None:
+            self._owner.in_use -= 1
+            self._owner = None
+            await self._response.aclose()
 
 
 class HttpxTransport:
     def __init__(self, upstream: UpstreamSettings) -> None:
-        self._arm = upstream.name
+        self.arm = self._arm = upstream.name
+        self.in_use = 0
         self._base = upstream.url
         self._retries = upstream.retries
         self._total = upstream.timeout.total
@@ -59,6 +64,8 @@ class HttpxTransport:
         self._timeouts = {"connect": connect, "read": None, "write": None, "pool": connect}
         self._transport = httpx.AsyncHTTPTransport(
             http2=True,
+            # https: HTTP/2 by ALPN with HTTP/1.1 fallback; http: h2c with prior knowledge.
+            http1=upstream.url.startswith("https://"),
             limits=httpx.Limits(
                 max_connections=upstream.pool.max_connections,
                 max_keepalive_connections=upstream.pool.max_keepalive,
@@ -84,7 +91,8 @@ class HttpxTransport:
             try:
                 async with asyncio.timeout_at(deadline):
                     response = await self._transport.handle_async_request(request)
-                return _HttpxResponse(self._arm, response, deadline)
+                self.in_use += 1
+                return _HttpxResponse(self, response, deadline)
             except _CONNECT_FAILURES as exc:
                 if attempt >= self._retries.attempts:
                     raise _translate(self._arm, exc) from None
@@ -92,6 +100,9 @@ class HttpxTransport:
                 attempt += 1
             except (TimeoutError, httpx.HTTPError) as exc:
                 raise _translate(self._arm, exc) from None
+
+    def busy(self) -> bool:
+        return self.in_use > 0
 
     async def close(self) -> None:
         await self._transport.aclose()

@@ -39,6 +39,10 @@ class Transport(Protocol):
         self, method: str, path_qs: str, headers: CIMultiDict[str], body: AsyncIterable[bytes] | None
     ) -> UpstreamResponse: ...
 
+    def busy(self) -> bool:
+        """Whether a request is still using this client (reload drains before closing)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -49,18 +53,21 @@ class PoolGate:
         self._arm = arm
         self._semaphore = asyncio.Semaphore(size)
         self._wait = wait
+        self.in_use = 0
 
     async def acquire(self) -> None:
-        if not self._semaphore.locked():
+        if self._semaphore.locked():
+            try:
+                async with asyncio.timeout(self._wait):
+                    await self._semaphore.acquire()
+            except TimeoutError:
+                raise PoolExhausted(self._arm, f"{self._arm}: all connections busy for {self._wait:g}s") from None
+        else:
             await self._semaphore.acquire()
-            return
-        try:
-            async with asyncio.timeout(self._wait):
-                await self._semaphore.acquire()
-        except TimeoutError:
-            raise PoolExhausted(self._arm, f"{self._arm}: all connections busy for {self._wait:g}s") from None
+        self.in_use += 1
 
     def release(self) -> None:
+        self.in_use -= 1
         self._semaphore.release()
 
 
@@ -124,6 +131,9 @@ class AiohttpTransport:
             self._gate.release()
             raise
         return _AiohttpResponse(self._arm, response, self._gate)
+
+    def busy(self) -> bool:
+        return self._gate.in_use > 0
 
     async def _request(
         self, method: str, url: URL, headers: CIMultiDict[str], body: AsyncIterable[bytes] | None

@@ -1,0 +1,340 @@
+"""Load a YAML config file into `Settings`, reporting every problem with file, line and key.
+
+The file is composed (never constructed with arbitrary tags) with PyYAML's SafeLoader so
+every node keeps its line; `config.schema` walks the nodes against the settings classes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+from yaml.nodes import MappingNode
+
+from config.errors import ConfigError, Problem
+from config.schema import (
+    Invalid,
+    Reader,
+    Scalar,
+    Section,
+    boolean,
+    choice,
+    duration,
+    fraction,
+    integer,
+    string,
+    string_text,
+)
+from config.settings import (
+    AdminSettings,
+    AnalysisSettings,
+    ArmName,
+    ErrorThresholds,
+    HostPort,
+    LatencyThresholds,
+    LoggingSettings,
+    PoolSettings,
+    RetrySettings,
+    RolloutSettings,
+    RoutingSettings,
+    Settings,
+    StateSettings,
+    StickyKey,
+    TimeoutSettings,
+    UpstreamSettings,
+    Upstreams,
+)
+
+__all__ = ["format_problems", "load_settings", "parse_settings"]
+
+_ACTIONS = ("pause", "step_back", "rollback")
+_positive = duration(positive=True)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header / cookie names
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
+_HOST_PORT_HINT = 'expected HOST:PORT such as "127.0.0.1:8080" or "[::1]:8080"'
+
+
+def load_settings(path: str | Path, *, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, interpolate and validate the config file at `path`; ConfigError lists every problem."""
+    filename = str(path)
+    absolute = Path(os.path.abspath(path))
+    try:
+        raw = absolute.read_bytes()
+    except OSError as exc:
+        message = f"cannot read the config file: {exc.strerror or exc}"
+        raise ConfigError([Problem(file=filename, line=1, key="", message=message)]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        message = f"the config file is not valid UTF-8 (byte {raw[exc.start]:#04x})"
+        raise ConfigError([Problem(file=filename, line=line, key="", message=message)]) from None
+    environ = os.environ if env is None else env
+    settings = parse_settings(text, filename=filename, base_dir=absolute.parent, env=environ)
+    return replace(settings, source=absolute)
+
+
+def parse_settings(text: str, *, filename: str, base_dir: Path, env: Mapping[str, str]) -> Settings:
+    """Validate config `text`; relative paths in it are taken relative to `base_dir`."""
+    loader, root = _compose(text, filename)
+    try:
+        reader = Reader(filename=filename, env=env, loader=loader)
+        settings = _settings(reader, root, base_dir)
+    finally:
+        loader.dispose()
+    if reader.problems:
+        raise ConfigError(sorted(reader.problems, key=lambda problem: problem.line))
+    return settings
+
+
+def format_problems(err: ConfigError) -> str:
+    """Every problem as `FILE:LINE: dotted.key: message`, one per line."""
+    return "\n".join(str(problem) for problem in err.problems)
+
+
+def _compose(text: str, filename: str) -> tuple[yaml.SafeLoader, MappingNode]:
+    def fail(line: int, message: str) -> ConfigError:
+        return ConfigError([Problem(file=filename, line=line, key="", message=message)])
+
+    try:
+        loader = yaml.SafeLoader(text)
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        detail = "; ".join(part for part in (exc.context, exc.problem) if part)
+        raise fail(mark.line + 1 if mark else 1, f"invalid YAML: {detail}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise fail(line, f"invalid YAML: unacceptable character #x{code:04x}: {exc.reason}") from None
+    except yaml.YAMLError as exc:
+        raise fail(1, "invalid YAML: " + " ".join(str(exc).split())) from None
+    if root is None:
+        loader.dispose()
+        raise fail(1, "the file is empty; it needs at least upstreams.baseline.url and upstreams.canary.url")
+    if not isinstance(root, MappingNode):
+        loader.dispose()
+        kind = "a list" if isinstance(root, yaml.SequenceNode) else repr(root.value)
+        raise fail(root.start_mark.line + 1, f"expected a mapping of settings at the top level, got {kind}")
+    return loader, root
+
+
+def _settings(reader: Reader, root: MappingNode, base_dir: Path) -> Settings:
+    top = reader.section(root, key="", line=root.start_mark.line + 1, cls=Settings, exclude=("source",))
+    return Settings(
+        upstreams=_upstreams(top.section("upstreams", Upstreams)),
+        admin=_admin(top.section("admin", AdminSettings)),
+        routing=_routing(top.section("routing", RoutingSettings)),
+        rollout=_rollout(top.section("rollout", RolloutSettings)),
+        analysis=_analysis(top.section("analysis", AnalysisSettings)),
+        state=_state(top.section("state", StateSettings), base_dir),
+        logging=_logging(top.section("logging", LoggingSettings)),
+        **top.fields(listen=host_port, drain_timeout=duration(positive=False)),
+    )
+
+
+def _admin(section: Section) -> AdminSettings:
+    return AdminSettings(**section.fields(listen=host_port, token=string(empty_ok=True)))
+
+
+def _upstreams(section: Section) -> Upstreams:
+    return Upstreams(
+        baseline=_upstream(section.section("baseline", UpstreamSettings, exclude=("name",)), "baseline"),
+        canary=_upstream(section.section("canary", UpstreamSettings, exclude=("name",)), "canary"),
+    )
+
+
+def _upstream(section: Section, name: ArmName) -> UpstreamSettings:
+    hint = f"the {name} upstream's base URL, e.g. http://127.0.0.1:9001"
+    pool_section = section.section("pool", PoolSettings)
+    pool = PoolSettings(**pool_section.fields(max_connections=integer(1), max_keepalive=integer(0)))
+    _check_order(pool_section, "max_keepalive", "max_connections", (pool.max_keepalive, pool.max_connections))
+    timeout = section.section("timeout", TimeoutSettings)
+    retries = section.section("retries", RetrySettings)
+    return UpstreamSettings(
+        name=name,
+        url=section.required("url", base_url, placeholder="http://invalid", hint=hint),
+        timeout=TimeoutSettings(**timeout.fields(connect=_positive, total=_positive)),
+        pool=pool,
+        retries=RetrySettings(**retries.fields(attempts=integer(0, 10), backoff=duration(positive=False))),
+        **section.fields(http2=boolean),
+    )
+
+
+def _routing(section: Section) -> RoutingSettings:
+    found = section.fields(
+        sticky_key=sticky_key,
+        force_header=header_name,
+        arm_header=header_name,
+    )
+    paths = section.items("paths", path_prefix, expected='path prefixes such as "/api/"')
+    if paths == []:
+        section.problem("paths", 'must list at least one path prefix ("/" matches every path)')
+    elif paths is not None:
+        found["paths"] = tuple(item.value for item in paths)
+    return RoutingSettings(**found)
+
+
+def _rollout(section: Section) -> RolloutSettings:
+    found = section.fields(
+        bake=duration(positive=False),
+        min_requests=integer(0),
+        auto_promote=boolean,
+        weight=weight,
+    )
+    stages = _stages(section)
+    if stages is not None:
+        found["stages"] = stages
+    return RolloutSettings(**found)
+
+
+def _stages(section: Section) -> tuple[int, ...] | None:
+    items = section.items("stages", integer(1, 100), expected="percentages such as [5, 25, 50, 100]")
+    if items is None:
+        return None
+    if not items:
+        section.problem("stages", "must list at least one stage, the last one 100")
+        return None
+    valid = True
+    for previous, item in zip(items, items[1:]):
+        if item.value <= previous.value:
+            message = f"stages must increase strictly, got {item.value} after {previous.value}"
+            section.reader.problem(item.line, item.key, message)
+            valid = False
+    last = items[-1]
+    if last.value != 100:
+        section.reader.problem(last.line, last.key, f"the last stage must be 100, got {last.value}")
+        valid = False
+    return tuple(item.value for item in items) if valid else None
+
+
+def _analysis(section: Section) -> AnalysisSettings:
+    errors_section = section.section("errors", ErrorThresholds)
+    errors = ErrorThresholds(**errors_section.fields(warning=fraction, critical=fraction))
+    _check_order(errors_section, "warning", "critical", (errors.warning, errors.critical))
+    latency = section.section("latency", LatencyThresholds)
+    return AnalysisSettings(
+        errors=errors,
+        latency=LatencyThresholds(**latency.fields(p95_warning=_positive, p99_critical=_positive)),
+        **section.fields(
+            window=_positive,
+            interval=_positive,
+            min_requests=integer(1),
+            on_warning=choice(*_ACTIONS),
+            on_critical=choice(*_ACTIONS),
+            compare_baseline=boolean,
+        ),
+    )
+
+
+def _state(section: Section, base_dir: Path) -> StateSettings:
+    path = section.value("path", string(empty_ok=False), default=str(StateSettings().path))
+    resolved = Path(path).expanduser()
+    return StateSettings(path=Path(os.path.abspath(base_dir / resolved)))
+
+
+def _logging(section: Section) -> LoggingSettings:
+    return LoggingSettings(
+        **section.fields(level=choice("debug", "info", "warning", "error"), format=choice("json", "console"))
+    )
+
+
+def _check_order(section: Section, low: str, high: str, values: tuple[float, float]) -> None:
+    """Report `low` > `high` at whichever of the two keys the file sets."""
+    low_value, high_value = values
+    if low_value <= high_value:
+        return
+    if section.has(low) or not section.has(high):
+        section.problem(low, f"must not exceed {high} ({high_value:g}), got {low_value:g}")
+    else:
+        section.problem(high, f"must be at least {low} ({low_value:g}), got {high_value:g}")
+
+
+def host_port(scalar: Scalar) -> HostPort:
+    text = string_text(scalar)
+    if text is None:
+        raise Invalid(f"{_HOST_PORT_HINT}, got {scalar.show()}")
+    host, port = _split_host_port(text.strip(), scalar.show())
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise Invalid(f"port must be a number between 0 and 65535, got {scalar.show()}")
+    return HostPort(host=host, port=int(port))
+
+
+def _split_host_port(text: str, shown: str) -> tuple[str, str]:
+    if text.startswith("["):
+        host, bracket, port = text[1:].partition("]:")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise Invalid(f"{_HOST_PORT_HINT}, got {shown} (not an IPv6 address in brackets)") from None
+        if not bracket:
+            raise Invalid(f"{_HOST_PORT_HINT}, got {shown}")
+        return host, port
+    host, colon, port = text.rpartition(":")
+    if ":" in host:
+        raise Invalid(f'IPv6 addresses need brackets, e.g. "[::1]:8080", got {shown}')
+    if not colon or not _HOSTNAME.fullmatch(host):
+        raise Invalid(f"{_HOST_PORT_HINT}, got {shown}")
+    return host, port
+
+
+def base_url(scalar: Scalar) -> str:
+    """An http(s) URL with a host and no query or fragment, without a trailing slash."""
+    text = string_text(scalar)
+    if text is None:
+        raise Invalid(f"expected a URL such as http://127.0.0.1:9001, got {scalar.show()}")
+    text = text.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise Invalid(f"must start with http:// or https://, got {scalar.show()}")
+    try:
+        parts.port
+    except ValueError:
+        raise Invalid(f"has an invalid port, got {scalar.show()}") from None
+    if not parts.hostname:
+        raise Invalid(f"has no host, got {scalar.show()}")
+    if "?" in text or "#" in text:
+        raise Invalid(f"must not have a query (?...) or fragment (#...), got {scalar.show()}")
+    if any(char.isspace() for char in text):
+        raise Invalid(f"must not contain spaces, got {scalar.show()}")
+    return text.rstrip("/")
+
+
+def sticky_key(scalar: Scalar) -> StickyKey | None:
+    """"header:NAME" or "cookie:NAME"; "" or null means no sticky key (random per request)."""
+    hint = 'expected "header:NAME", "cookie:NAME" or "" (none)'
+    text = "" if scalar.value is None else string_text(scalar)
+    if text is None:
+        raise Invalid(f"{hint}, got {scalar.show()}")
+    if not text.strip():
+        return None
+    source, _, name = (part.strip() for part in text.partition(":"))
+    if source not in ("header", "cookie") or not _TOKEN.fullmatch(name):
+        raise Invalid(f"{hint}, got {scalar.show()}")
+    return StickyKey(source="header" if source == "header" else "cookie", name=name)
+
+
+def header_name(scalar: Scalar) -> str:
+    """A header name, or "" (or null) to turn the feature off."""
+    text = string(empty_ok=True)(scalar).strip()
+    if text and not _TOKEN.fullmatch(text):
+        raise Invalid(f"expected an HTTP header name such as X-Canary, got {scalar.show()}")
+    return text
+
+
+def path_prefix(scalar: Scalar) -> str:
+    text = string_text(scalar)
+    if text is None or not text.startswith("/") or any(char.isspace() for char in text):
+        raise Invalid(f'expected a path prefix starting with "/", got {scalar.show()}')
+    return text
+
+
+def weight(scalar: Scalar) -> int | None:
+    """A pinned weight 0..100, or null for none."""
+    return None if scalar.value is None else integer(0, 100)(scalar)

@@ -1,0 +1,102 @@
+"""The `canary` command: a thin edge over the config, server, control and demo modules.
+
+Exit codes: 0 success, 1 runtime failure (e.g. proxy unreachable), 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Sequence
+
+from config.errors import ConfigError
+from config.loader import load_settings
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+def _add_config_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument(
+        "-c", "--config", default=os.environ.get("CANARY_CONFIG"), required=required and not os.environ.get("CANARY_CONFIG"),
+        help="the YAML config file (default: $CANARY_CONFIG)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canary", description="Canary traffic-splitting reverse proxy.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    serve = sub.add_parser("serve", help="run the proxy and admin listeners in the foreground")
+    _add_config_arg(serve, required=True)
+
+    validate = sub.add_parser("validate", help="check a config file; print ok or every problem")
+    _add_config_arg(validate, required=True)
+
+    from proxy.cli_control import add_control_commands
+    from proxy.demo import add_demo_command
+
+    add_control_commands(sub, _add_config_arg)
+    add_demo_command(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) if hasattr(args, "handler") else _dispatch(args))
+    except KeyboardInterrupt:
+        return EXIT_RUNTIME
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "validate":
+        return _validate(args.config)
+    if args.command == "serve":
+        return _serve(args.config)
+    raise AssertionError(args.command)
+
+
+def _validate(path: str) -> int:
+    try:
+        load_settings(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stdout)
+        return EXIT_USAGE
+    print("ok")
+    return EXIT_OK
+
+
+def _serve(path: str) -> int:
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    from proxy.logs import configure_logging
+    from proxy.server import CanaryServer
+
+    configure_logging(level=settings.logging.level, fmt=settings.logging.format)
+    _install_uvloop()
+    try:
+        asyncio.run(CanaryServer(settings).run_until_signalled())
+    except OSError as exc:
+        print(f"canary serve: cannot start: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _install_uvloop() -> None:
+    """uvloop is an optional speed-up (`pip install canary-proxy[speed]`)."""
+    if os.environ.get("CANARY_NO_UVLOOP"):
+        return
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
