@@ -9,6 +9,7 @@ import aiohttp
 
 from config.settings import PoolSettings, RoutingSettings, StickyKey, TimeoutSettings
 from tests.conftest import upstream_settings
+from tests.polling import until
 from tests.upstreams import GZIP_BODY, STATS
 
 
@@ -99,7 +100,7 @@ async def test_exhausted_pool_is_503(proxy_factory, upstreams):
     server, _ = await proxy_factory(weight=100, canary=tiny)
     async with aiohttp.ClientSession() as client:
         holder = asyncio.ensure_future(client.get(server.make_url("/hang")))
-        await _until(lambda: upstreams["canary"].app[STATS].inflight == 1)
+        await until(lambda: upstreams["canary"].app[STATS].inflight == 1)
         async with client.get(server.make_url("/x")) as resp:
             body = await resp.json()
         upstreams["canary"].app[STATS].release.set()
@@ -190,11 +191,11 @@ async def test_client_disconnect_is_not_an_upstream_error(proxy_factory, upstrea
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
-    await _until(lambda: upstreams["canary"].app[STATS].inflight == 1)
+    await until(lambda: upstreams["canary"].app[STATS].inflight == 1)
     writer.close()
     upstreams["canary"].app[STATS].release.set()
-    await _until(lambda: upstreams["canary"].app[STATS].inflight == 0)
-    await _until(lambda: state.recorder.arms["canary"].snapshot(0).inflight == 0)
+    await until(lambda: upstreams["canary"].app[STATS].inflight == 0)
+    await until(lambda: state.recorder.arms["canary"].snapshot(0).inflight == 0)
     assert state.recorder.arms["canary"].stage_counts().errors == 0
 
 
@@ -206,11 +207,3 @@ async def _arms_of(server, header_sets: list[dict[str, str]]) -> list[str]:
                 return resp.headers["X-Canary-Arm"]
         return list(await asyncio.gather(*(one(h) for h in header_sets)))
 
-
-async def _until(predicate, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
