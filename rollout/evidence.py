@@ -63,6 +63,7 @@ class StageCounts:
     errors: int = 0
     slow_warning: int = 0  # over analysis.latency.p95_warning
     slow_critical: int = 0  # over analysis.latency.p99_critical
+    slow_pending: int = 0  # in flight past the p95 limit, not (yet) past p99: at last sweep
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,12 +103,14 @@ class ArmRecorder:
         # id -> [start, generation, slow flags, latency once the response headers came]
         self._inflight: dict[int, list] = {}
         self._stage = [0, 0, 0, 0]  # requests, errors, slow_warning, slow_critical
+        self._slow_pending = 0
         self.code_totals = [0] * len(CODE_CLASSES)
         self.latency_totals = [0] * (len(LATENCY_EDGES) + 1)
         self.latency_sum = 0.0
         self.set_window(window)
 
     def set_window(self, window: float) -> None:
+        self.window = window
         self._span = window / _BUCKETS_PER_WINDOW
         self._ring = [_WindowBucket() for _ in range(_BUCKETS_PER_WINDOW)]
 
@@ -167,32 +170,40 @@ class ArmRecorder:
     def sweep(self, now: float) -> None:
         """Count requests hanging past a latency limit as slow observations, once each."""
         stage = self._stage
+        youngest_slow = min(self.warn_limit, self.crit_limit)
+        pending = 0
         for entry in self._inflight.values():
             start, generation, flags, latency = entry
             age = now - start
-            if age <= self.warn_limit:
+            if age <= youngest_slow:
                 break  # insertion order = start order: the rest are younger
             if generation != self.generation or latency is not None:
                 continue
             if not flags:
                 stage[0] += 1
-            if not flags & _SLOW_WARN:
+            if age > self.warn_limit and not flags & _SLOW_WARN:
                 stage[2] += 1
                 flags |= _SLOW_WARN
             if age > self.crit_limit and not flags & _SLOW_CRIT:
                 stage[3] += 1
                 flags |= _SLOW_CRIT
+            if flags == _SLOW_WARN:
+                pending += 1
             entry[2] = flags
+        self._slow_pending = pending
 
     def reset_stage(self) -> None:
         """Start new stage counters (at every weight change); in-flight requests of the
         old stage no longer count toward the new one."""
         self.generation += 1
         self._stage = [0, 0, 0, 0]
+        self._slow_pending = 0
 
     def stage_counts(self) -> StageCounts:
         r, e, w, c = self._stage
-        return StageCounts(requests=r, errors=e, slow_warning=w, slow_critical=c)
+        return StageCounts(
+            requests=r, errors=e, slow_warning=w, slow_critical=c, slow_pending=self._slow_pending
+        )
 
     def snapshot(self, now: float) -> ArmSnapshot:
         current = int(now / self._span)
@@ -243,7 +254,7 @@ class OutcomeRecorder:
 
     def configure(self, *, window: float, warn_limit: float, crit_limit: float) -> None:
         for recorder in self:
-            if recorder._span * _BUCKETS_PER_WINDOW != window:
+            if recorder.window != window:
                 recorder.set_window(window)
             recorder.warn_limit = warn_limit
             recorder.crit_limit = crit_limit
