@@ -18,6 +18,16 @@ class UpstreamStats:
         self.hits = 0
         self.inflight = 0
         self.release = asyncio.Event()
+        self.fail_ratio = 0.0  # this share of requests answers 500, evenly spread
+        self.hang = False  # every request waits for `release`
+        self._failed = 0
+
+    def should_fail(self) -> bool:
+        """Deterministic: after n requests, exactly floor(n * fail_ratio) have failed."""
+        if self.fail_ratio and int(self.hits * self.fail_ratio) > self._failed:
+            self._failed += 1
+            return True
+        return False
 
 
 STATS = web.AppKey("stats", UpstreamStats)
@@ -34,6 +44,10 @@ def make_upstream_app(name: str) -> web.Application:
         stats.hits += 1
         stats.inflight += 1
         try:
+            if stats.hang:
+                await stats.release.wait()
+            if stats.should_fail():
+                return web.json_response({"error": {"message": f"{name} failed"}}, status=500)
             return await handler(request)
         finally:
             stats.inflight -= 1
@@ -105,6 +119,15 @@ def make_upstream_app(name: str) -> web.Application:
         request.transport.close()
         return response
 
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"one,")
+        await response.write(b"two")
+        return response
+
+    app.router.add_get("/chunked", chunked)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/gzip", gzipped)
     app.router.add_get("/sse", sse)

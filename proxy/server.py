@@ -1,0 +1,226 @@
+"""`canary serve`: both listeners, the rollout tick, config hot reload, signals and drain.
+
+`CanaryServer` wires the pieces once (uvicorn-style: the settings only store values,
+`start()` does the side effects); the background tick loop is owned by the admin app's
+cleanup context; the upstream clients are closed by `stop()` once the proxy listener (a
+low-level `web.Server`, which has no cleanup context) has drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import structlog
+from aiohttp import web
+
+from config.errors import ConfigError
+from config.loader import load_settings
+from config.settings import Settings
+from config.watch import ConfigWatcher
+from proxy.routing import Router, RoutingSnapshot
+from proxy.upstream_pool import UpstreamClients
+from proxy.web_proxy import ProxyState, make_proxy_server
+from rollout.controller import RolloutController
+from rollout.evidence import OutcomeRecorder
+from rollout.store import JsonFileStore
+
+__all__ = ["CanaryServer", "ConfigStatus", "token_path"]
+
+log = structlog.get_logger("canary.server")
+_WATCH_EVERY = 0.25  # seconds between config-file polls
+_SETTLE = 0.2  # a changed file must stay unchanged this long before it is read
+
+
+def token_path(settings: Settings) -> Path:
+    return settings.state.path.parent / "admin.token"
+
+
+def series_step(interval: float) -> float:
+    """The dashboard's chart resolution: 5 s at the default 1 s interval, finer when the
+    analysis runs faster (0.5 s at most, so ten minutes stay a small JSON document)."""
+    return min(5.0, max(0.5, 5 * interval))
+
+
+@dataclass
+class ConfigStatus:
+    path: str | None
+    loaded_at: float
+    error: str | None = None
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+
+
+class CanaryServer:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.config = ConfigStatus(path=str(settings.source) if settings.source else None, loaded_at=clock())
+        self.admin_token = settings.admin.token
+        self.recorder = OutcomeRecorder(
+            window=settings.analysis.window,
+            warn_limit=settings.analysis.latency.p95_warning,
+            crit_limit=settings.analysis.latency.p99_critical,
+        )
+        self.router = Router(RoutingSnapshot.from_settings(settings.routing, 0))
+        self.upstreams: UpstreamClients | None = None
+        self.proxy_state: ProxyState | None = None
+        self.controller: RolloutController | None = None
+        self._watcher = ConfigWatcher(settings.source) if settings.source else None
+        self._pending_since: float | None = None
+        self._runners: list[web.BaseRunner] = []
+        self.proxy_port = 0
+        self.admin_port = 0
+
+    # -- start / stop -------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ensure_token()
+        self.upstreams = UpstreamClients(self.settings.upstreams)
+        self.proxy_state = ProxyState(
+            router=self.router, recorder=self.recorder, transports=self.upstreams.transports, clock=loop.time
+        )
+        self.controller = RolloutController(
+            self.settings,
+            recorder=self.recorder,
+            split=self.router,
+            store=JsonFileStore(self.settings.state.path),
+            clock=self.clock,
+            monotonic=loop.time,
+            series_step=series_step(self.settings.analysis.interval),
+        )
+        self.controller.start()
+        from proxy.web_admin import make_admin_app
+
+        admin_app = make_admin_app(self)
+        admin_app.cleanup_ctx.append(self._tick_ctx)
+        drain = {"handle_signals": False, "shutdown_timeout": self.settings.drain_timeout}
+        # The proxy runs on aiohttp's low-level server (no URL dispatch on the hot path).
+        proxy_runner = web.ServerRunner(make_proxy_server(self.proxy_state, access_log=None), **drain)
+        admin_runner = web.AppRunner(admin_app, access_log=None, **drain)
+        self.proxy_port = await self._listen(proxy_runner, self.settings.listen.host, self.settings.listen.port)
+        self.admin_port = await self._listen(admin_runner, self.settings.admin.listen.host, self.settings.admin.listen.port)
+        log.info(
+            "serving",
+            proxy=f"http://{self.settings.listen.host}:{self.proxy_port}",
+            admin=f"http://{self.settings.admin.listen.host}:{self.admin_port}",
+            weight=self.router.snapshot.weight,
+            config=self.config.path,
+        )
+
+    async def _listen(self, runner: web.BaseRunner, host: str, port: int) -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        return runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_timeout), close."""
+        log.info("draining", timeout=self.settings.drain_timeout)
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        if self.upstreams is not None:  # the proxy has drained: no request uses them now
+            await self.upstreams.close()
+        log.info("stopped")
+
+    async def _tick_ctx(self, _app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(self._tick_loop())
+        yield
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    def _ensure_token(self) -> None:
+        """No token configured: make one, readable by the CLI beside the state file."""
+        if self.admin_token:
+            return
+        path = token_path(self.settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        tmp = path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "x", opener=lambda p, f: __import__("os").open(p, f, 0o600)) as fh:
+            fh.write(token + "\n")
+        tmp.replace(path)
+        self.admin_token = token
+        log.info("admin_token_created", path=str(path))
+
+    # -- the tick: rollout analysis and config watching -----------------------------
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_analysis = loop.time()
+        while True:
+            now = loop.time()
+            try:
+                if now >= next_analysis:
+                    next_analysis = now + self.settings.analysis.interval
+                    self.controller.tick()
+                self._poll_config(now)
+            except Exception:  # the tick must survive anything; the error is logged
+                log.exception("tick_failed")
+            await asyncio.sleep(min(_WATCH_EVERY, max(0.01, next_analysis - loop.time())))
+
+    def _poll_config(self, now: float) -> None:
+        if self._watcher is None:
+            return
+        if self._watcher.changed():
+            self._pending_since = now  # wait for the editor to finish writing
+        elif self._pending_since is not None and now - self._pending_since >= _SETTLE:
+            self._pending_since = None
+            self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the config file; a bad one is reported and the last good one kept."""
+        path = self.settings.source
+        if path is None:
+            return False
+        try:
+            fresh = load_settings(path)
+        except ConfigError as exc:
+            self.config.error = str(exc)
+            self.config.reloads_failed += 1
+            log.error("config_rejected", path=str(path), problems=[str(p) for p in exc.problems])
+            return False
+        self._apply(fresh)
+        self.config.error = None
+        self.config.loaded_at = self.clock()
+        self.config.reloads_ok += 1
+        log.info("config_reloaded", path=str(path))
+        return True
+
+    def _apply(self, fresh: Settings) -> None:
+        old = self.settings
+        if fresh.listen != old.listen or fresh.admin.listen != old.admin.listen:
+            log.warning("listen_change_needs_restart", listen=str(fresh.listen), admin=str(fresh.admin.listen))
+        if fresh.admin.token and fresh.admin.token != self.admin_token:
+            self.admin_token = fresh.admin.token
+        self.recorder.configure(
+            window=fresh.analysis.window,
+            warn_limit=fresh.analysis.latency.p95_warning,
+            crit_limit=fresh.analysis.latency.p99_critical,
+        )
+        self.router.set_routing(fresh.routing)
+        if self.upstreams is not None and fresh.upstreams != old.upstreams:
+            self.proxy_state.transports = self.upstreams.replace(fresh.upstreams, drain=old.drain_timeout)
+        self.settings = fresh
+        self.controller.apply_settings(fresh)
+
+    # -- foreground run -------------------------------------------------------------
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.start()
+        await stop.wait()
+        await self.stop()
