@@ -1,9 +1,126 @@
-"""`canary demo` (issue 5)."""
+"""`canary demo`: the whole life of a rollout on one machine, in one process.
+
+This module is the command line and the options; `proxy.demo_run` runs the story: two
+simulated OpenAI-compatible upstreams (`proxy.demo_upstream`), a real config in a fresh
+temp dir, the real proxy, a traffic generator (`proxy.demo_traffic`), live progress and a
+summary (`proxy.demo_report`). It is imported only when the demo runs, so every other
+command starts fast and a Ctrl-C during start-up is still a clean exit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import random
+import sys
+from dataclasses import dataclass
+
+__all__ = ["FAST", "NORMAL", "DemoOptions", "Pace", "add_demo_command", "run_demo_command"]
+
+EXIT_INTERRUPTED = 130
 
 
-def add_demo_command(sub: argparse._SubParsersAction) -> None:
-    """Registered by the demo work (issue 5)."""
+@dataclass(frozen=True, kw_only=True)
+class Pace:
+    """How fast the story runs: the rollout and analysis timings, the simulated latency."""
+
+    bake: str
+    interval: str
+    window: str
+    min_requests: int  # rollout.min_requests
+    analysis_min_requests: int
+    p95_warning: str
+    p99_critical: str
+    first_token: tuple[float, float]
+    per_token: tuple[float, float]
+    tokens: tuple[int, int]
+    legacy_workers: int
+    concurrency: int
+    think: tuple[float, float]
+    time_limit: float
+
+
+FAST = Pace(
+    bake="2s", interval="100ms", window="10s", min_requests=40, analysis_min_requests=20,
+    p95_warning="1s", p99_critical="2s", first_token=(0.02, 0.08), per_token=(0.002, 0.006),
+    tokens=(8, 24), legacy_workers=32, concurrency=40, think=(0.0, 0.02), time_limit=90.0,
+)
+NORMAL = Pace(
+    bake="30s", interval="1s", window="30s", min_requests=100, analysis_min_requests=20,
+    p95_warning="5s", p99_critical="10s", first_token=(0.05, 0.30), per_token=(0.010, 0.030),
+    tokens=(20, 80), legacy_workers=48, concurrency=64, think=(0.0, 0.5), time_limit=900.0,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoOptions:
+    canary_error_rate: float = 0.0
+    canary_latency: float = 0.0
+    seed: int = 0
+    fast: bool = False
+    keep_running: bool = False
+    time_limit: float | None = None
+
+    @property
+    def pace(self) -> Pace:
+        return FAST if self.fast else NORMAL
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="self-contained demo: simulated upstreams, the proxy, traffic, a live rollout",
+        description="Run a simulated baseline and canary LLM API, the real proxy and a traffic "
+        "generator on 127.0.0.1, show the rollout live and summarise it. No config needed.",
+    )
+    demo.add_argument("--canary-error-rate", type=_rate, default=0.0, metavar="R",
+                      help="share of canary calls that fail with 500/503 (default 0: promoted; 0.3: rolled back)")
+    demo.add_argument("--canary-latency", type=_seconds, default=0.0, metavar="S",
+                      help="seconds the canary adds before its first token (default 0)")
+    demo.add_argument("--seed", type=int, default=None, metavar="N",
+                      help="seed for the simulated upstreams and the traffic (default: random, printed)")
+    demo.add_argument("--fast", action="store_true", help="short bakes: the whole story in well under a minute")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="afterwards leave the proxy, dashboard and traffic up until Ctrl-C")
+    demo.add_argument("--time-limit", type=_seconds, default=None, metavar="S",
+                      help="give up after S seconds (default 90 with --fast, else 900)")
+    demo.set_defaults(handler=run_demo_command)
+
+
+def _rate(text: str) -> float:
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share between 0 and 1, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 100_000)
+    options = DemoOptions(
+        canary_error_rate=args.canary_error_rate, canary_latency=args.canary_latency, seed=seed,
+        fast=args.fast, keep_running=args.keep_running, time_limit=args.time_limit,
+    )
+    try:
+        from proxy.demo_run import run_demo
+
+        return asyncio.run(run_demo(options, sys.stdout))
+    except KeyboardInterrupt:  # before the demo's own handler was installed
+        print("\ncanary demo: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
