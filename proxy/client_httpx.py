@@ -46,6 +46,9 @@ class _HttpxResponse:
                 raise _translate(self._arm, exc) from None
             yield chunk
 
+    def complete_body(self) -> None:
+        return None  # httpx does not say; the body is always streamed
+
     async def aclose(self) -> None:
         if self._owner is not None:
             self._owner.in_use -= 1

@@ -10,6 +10,8 @@ upstreams (the default: ~12x faster than httpx as a proxy's client) and
 from __future__ import annotations
 
 import asyncio
+import os
+from collections import deque
 from typing import AsyncIterable, AsyncIterator, Protocol
 
 import aiohttp
@@ -19,7 +21,7 @@ from yarl import URL
 from config.errors import PoolExhausted, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from config.settings import UpstreamSettings
 
-__all__ = ["AiohttpTransport", "PoolGate", "Transport", "UpstreamResponse", "make_transport"]
+__all__ = ["HTTP1_CLIENTS", "AiohttpTransport", "PoolGate", "Transport", "UpstreamResponse", "make_transport"]
 
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
@@ -30,6 +32,11 @@ class UpstreamResponse(Protocol):
     headers: CIMultiDictProxy[str] | CIMultiDict[str]
 
     def iter_body(self) -> AsyncIterator[bytes]: ...
+
+    def complete_body(self) -> bytes | None:
+        """The whole body if all of it has arrived already (it is then consumed), else
+        None: then `iter_body` streams it. Lets a small answer go out in one write."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -47,28 +54,59 @@ class Transport(Protocol):
 
 
 class PoolGate:
-    """Caps requests in flight at the pool size; waiting longer than `wait` is a 503."""
+    """Caps requests in flight at the pool size; waiting longer than `wait` is a 503.
+
+    A counter with a FIFO of waiters rather than `asyncio.Semaphore`: taking a free slot
+    is a plain decrement (no coroutine, no scan of the waiters), which the hot path
+    does on every request. A released slot passes straight to the oldest waiter.
+    """
 
     def __init__(self, arm: str, size: int, wait: float) -> None:
         self._arm = arm
-        self._semaphore = asyncio.Semaphore(size)
+        self._free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._wait = wait
         self.in_use = 0
 
+    def try_acquire(self) -> bool:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            self.in_use += 1
+            return True
+        return False
+
     async def acquire(self) -> None:
-        if self._semaphore.locked():
-            try:
-                async with asyncio.timeout(self._wait):
-                    await self._semaphore.acquire()
-            except TimeoutError:
+        if not self.try_acquire():
+            await self._wait_for_slot()
+
+    async def _wait_for_slot(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._wait):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._pass_on()  # a slot came just as we gave up: hand it to the next
+            else:
+                waiter.cancel()  # `_pass_on` skips it
+            if isinstance(exc, TimeoutError):
                 raise PoolExhausted(self._arm, f"{self._arm}: all connections busy for {self._wait:g}s") from None
-        else:
-            await self._semaphore.acquire()
+            raise
         self.in_use += 1
 
     def release(self) -> None:
         self.in_use -= 1
-        self._semaphore.release()
+        self._pass_on()
+
+    def _pass_on(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
 
 class _AiohttpResponse:
@@ -90,6 +128,12 @@ class _AiohttpResponse:
             raise UpstreamTimeout(self._arm, f"{self._arm}: upstream timed out while sending the body") from None
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(self._arm, f"{self._arm}: upstream broke off the body: {exc!r}") from None
+
+    def complete_body(self) -> bytes | None:
+        content = self._response.content
+        if not content.is_eof() or content.exception() is not None:
+            return None
+        return content.read_nowait(-1)
 
     async def aclose(self) -> None:
         if self._gate is not None:
@@ -165,9 +209,22 @@ def _translate(arm: str, exc: BaseException) -> UpstreamError:
     return UpstreamConnectError(arm, f"{arm}: upstream connection failed: {exc!r}")
 
 
-def make_transport(upstream: UpstreamSettings) -> Transport:
+HTTP1_CLIENTS = ("aiohttp", "lean")
+
+
+def make_transport(upstream: UpstreamSettings, *, http1_client: str | None = None) -> Transport:
+    """The client for one upstream. HTTP/1.1 upstreams use `aiohttp.ClientSession`, or the
+    lean `proxy.client_http1` client when `http1_client` (default: the environment
+    variable CANARY_HTTP1_CLIENT) is "lean"."""
     if upstream.http2:
         from proxy.client_httpx import HttpxTransport
 
         return HttpxTransport(upstream)
+    choice = http1_client or os.environ.get("CANARY_HTTP1_CLIENT") or "aiohttp"
+    if choice not in HTTP1_CLIENTS:
+        raise ValueError(f"CANARY_HTTP1_CLIENT={choice!r}: use one of {', '.join(HTTP1_CLIENTS)}")
+    if choice == "lean":
+        from proxy.client_http1 import Http1Transport
+
+        return Http1Transport(upstream)
     return AiohttpTransport(upstream)

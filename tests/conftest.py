@@ -6,7 +6,7 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer, TestServer
 
 from config.settings import (
     PoolSettings,
@@ -16,9 +16,9 @@ from config.settings import (
     TimeoutSettings,
     UpstreamSettings,
 )
-from proxy.client_transport import make_transport
+from proxy.client_transport import HTTP1_CLIENTS, make_transport
 from proxy.routing import Router, RoutingSnapshot
-from proxy.web_proxy import ProxyState, make_proxy_app
+from proxy.web_proxy import ProxyState, make_proxy_handler
 from rollout.evidence import OutcomeRecorder
 from tests.upstreams import make_upstream_app
 
@@ -45,11 +45,17 @@ def upstream_settings(name: str, server: TestServer | str, **overrides: Any) -> 
     return UpstreamSettings(**values)
 
 
-ProxyFactory = Callable[..., Awaitable[tuple[TestServer, ProxyState]]]
+ProxyFactory = Callable[..., Awaitable[tuple[BaseTestServer, ProxyState]]]
+
+
+@pytest.fixture(params=HTTP1_CLIENTS)
+def http1_client(request: pytest.FixtureRequest) -> str:
+    """Every forwarding test runs with each HTTP/1.1 upstream client."""
+    return request.param
 
 
 @pytest.fixture
-async def proxy_factory(aiohttp_server, upstreams) -> ProxyFactory:
+async def proxy_factory(aiohttp_raw_server, upstreams, http1_client) -> ProxyFactory:
     """Start the real proxy app in front of `upstreams` (or given upstream settings)."""
     states: list[ProxyState] = []
 
@@ -60,7 +66,7 @@ async def proxy_factory(aiohttp_server, upstreams) -> ProxyFactory:
         baseline: UpstreamSettings | None = None,
         canary: UpstreamSettings | None = None,
         seed: int | None = None,
-    ) -> tuple[TestServer, ProxyState]:
+    ) -> tuple[BaseTestServer, ProxyState]:
         routing = routing or RoutingSettings()
         rng = random.Random(seed).random if seed is not None else random.random
         settings = {
@@ -70,11 +76,11 @@ async def proxy_factory(aiohttp_server, upstreams) -> ProxyFactory:
         state = ProxyState(
             router=Router(RoutingSnapshot.from_settings(routing, weight), rng=rng),
             recorder=OutcomeRecorder(window=60, warn_limit=5, crit_limit=10),
-            transports={arm: make_transport(s) for arm, s in settings.items()},
+            transports={arm: make_transport(s, http1_client=http1_client) for arm, s in settings.items()},
             clock=__import__("time").monotonic,
         )
         states.append(state)
-        server = await aiohttp_server(make_proxy_app(state))
+        server = await aiohttp_raw_server(make_proxy_handler(state), max_field_size=16384)
         return server, state
 
     yield start

@@ -60,6 +60,22 @@ async def test_gzip_body_passes_through_byte_for_byte(proxy_factory):
             assert raw == GZIP_BODY
 
 
+async def test_head_bodiless_statuses_and_chunked_answers_keep_their_framing(proxy_factory):
+    server, _ = await proxy_factory(weight=100)
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        for _ in range(2):  # the second round reuses the upstream connections
+            async with client.head(server.make_url("/gzip")) as resp:
+                assert resp.status == 200 and await resp.read() == b""
+                assert resp.headers["Content-Length"] == str(len(GZIP_BODY))
+            for code in (204, 304):
+                async with client.get(server.make_url(f"/status/{code}")) as resp:
+                    assert resp.status == code and await resp.read() == b""
+            async with client.get(server.make_url("/chunked")) as resp:
+                assert await resp.read() == b"one,two"
+            async with client.get(server.make_url("/gzip")) as resp:
+                assert await resp.read() == GZIP_BODY
+
+
 async def test_sse_first_event_arrives_before_the_stream_ends(proxy_factory, upstreams):
     server, _ = await proxy_factory(weight=100)
     async with aiohttp.ClientSession() as client:
