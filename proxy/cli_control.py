@@ -239,7 +239,10 @@ def _offline_rollback(target: AdminTarget, reason: str, why: str) -> int:
     path = target.settings.state.path
     try:
         stored = record_offline_rollback(
-            JsonFileStore(path), reason=reason or "operator rollback (recorded in the state store)", now=time.time()
+            JsonFileStore(path),
+            reason=reason or "operator rollback (recorded in the state store)",
+            now=time.time(),
+            config_weight=target.settings.rollout.weight,
         )
     except StateError as exc:
         print(f"canary rollback: {why}, and the state store refused the rollback: {exc}", file=sys.stderr)

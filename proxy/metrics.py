@@ -93,9 +93,8 @@ class CanaryCollector(Collector):
 
     def _inflight(self) -> Metric:
         family = GaugeMetricFamily("canary_inflight_requests", "Requests in flight, by arm.", labels=["arm"])
-        snapshots = self.source.recorder.snapshot(self.source.monotonic())
         for arm in ARMS:
-            family.add_metric([arm], float(snapshots[arm].inflight))
+            family.add_metric([arm], float(self.source.recorder.arms[arm].inflight))
         return family
 
     def _states(self) -> Metric:

@@ -161,8 +161,12 @@ class RolloutController:
             self._analysis = self._analysis.rescored()
         self.policy = policy
         self._config_weight = settings.rollout.weight
-        if not self._store_corrupt:
-            self._apply_config(self._clock())
+        if self._store_corrupt:
+            return
+        now = self._clock()
+        if not self._apply_config(now):
+            state, decision = engine.reload(self._state, now, reason="config reloaded")
+            self._commit(state, decision)
 
     # -- operator commands (each answers the new status) ----------------------------------
     def promote(self, reason: str = "") -> dict[str, Any]:
@@ -206,10 +210,10 @@ class RolloutController:
             reason = f"state store unwritable: {self.store_error}"
             self._state = replace(self._state, state="rolled_back", reason=reason)
 
-    def _apply_config(self, now: float) -> None:
+    def _apply_config(self, now: float) -> bool:
+        """Apply `rollout.weight` from the config; whether that recorded a transition."""
         state, decision = engine.apply_config(self._state, self.policy, self._config_weight, now)
-        if decision is not None:
-            self._commit(state, decision)
+        return decision is not None and self._commit(state, decision)
 
     def _commit(self, state: RolloutState, decision: Decision, *, move: bool = True) -> bool:
         """Save first; only a saved transition moves traffic. False when not applied."""
@@ -284,6 +288,8 @@ class RolloutController:
         self._state, self._history = stored.state, list(stored.history)
         self._store_corrupt, self.store_error = False, None
         moved = (before.weight, before.stage_started_at) != (stored.state.weight, stored.state.stage_started_at)
+        if route and stored.state.state == "rolled_back" and before.state != "rolled_back":
+            self.rollbacks_total += 1  # e.g. `canary rollback -c FILE` written beside us
         if route and moved:
             self._split.set_weight(stored.state.weight)
             self._new_stage()
@@ -388,12 +394,18 @@ def _log_fields(transition: Transition) -> dict[str, Any]:
     return data
 
 
-def record_offline_rollback(store: StateStore, *, reason: str, now: float) -> Stored:
+def record_offline_rollback(
+    store: StateStore, *, reason: str, now: float, config_weight: int | None = None
+) -> Stored:
     """`canary rollback -c FILE` with the proxy down: record it so the next start (or the
-    running proxy, on its next tick) serves weight 0. Raises StateCorrupt/StateError."""
+    running proxy, on its next tick) serves weight 0. Raises StateCorrupt/StateError.
+    `config_weight` is the config's `rollout.weight`, so a first start does not take a
+    pinned weight in the file as an operator edit that undoes this rollback."""
 
     def change(current: Stored | None) -> Stored | None:
-        state = current.state if current else RolloutState(state="progressing", weight=0, stage_started_at=now)
+        state = current.state if current else RolloutState(
+            state="progressing", weight=0, stage_started_at=now, config_weight=config_weight
+        )
         new, decision = engine.rollback(state, Policy(), now, reason=reason or "operator rollback (offline)")
         if decision is None:
             return None

@@ -26,6 +26,7 @@ __all__ = [
     "initial_state",
     "pause",
     "promote",
+    "reload",
     "reset",
     "resume",
     "rollback",
@@ -321,6 +322,14 @@ def set_weight(
         state, action="set_weight", trigger=trigger, to_state="manual", weight=percent, now=now,
         reason=reason or f"{trigger} set weight to {percent}%", evidence=evidence,
         config_weight=percent if trigger == "config" else "keep",
+    )
+
+
+def reload(state: RolloutState, now: float, *, reason: str) -> Step:
+    """A config reload that moved nothing: recorded in the history, state and latch kept."""
+    return _move(
+        state, action="reload", trigger="config", to_state=state.state, weight=state.weight,
+        now=now, reason=reason, latched=state.latched, new_stage=False,
     )
 
 

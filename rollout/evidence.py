@@ -153,6 +153,10 @@ class ArmRecorder:
             if latency > self.crit_limit and not flags & _SLOW_CRIT:
                 stage[3] += 1
 
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
     def abandon(self, request_id: int) -> None:
         """The client went away: not an outcome of the upstream, so not counted."""
         self._inflight.pop(request_id, None)
@@ -220,7 +224,7 @@ class ArmRecorder:
             p50=percentile(bins, 0.50),
             p95=percentile(bins, 0.95),
             p99=percentile(bins, 0.99),
-            inflight=len(self._inflight),
+            inflight=self.inflight,
         )
 
 

@@ -190,12 +190,29 @@ def test_an_offline_rollback_is_adopted_on_the_next_tick(tmp_path: Path) -> None
     r.tick()
     assert (r.controller.state.state, r.controller.weight, r.split.calls[-1][0]) == ("rolled_back", 0, 0)
     assert r.controller.history()[-1]["reason"] == "admin API down"
+    assert r.controller.rollbacks_total == 1  # counted in canary_rollbacks_total too
 
 
 def test_an_offline_rollback_without_any_state_starts_rolled_back(tmp_path: Path) -> None:
     record_offline_rollback(JsonFileStore(tmp_path / "state.json"), reason="not yet", now=T0)
     r = rig(tmp_path)
     assert (r.controller.state.state, r.controller.weight) == ("rolled_back", 0)
+
+
+def test_an_offline_rollback_before_a_first_start_with_a_pinned_weight_holds(tmp_path: Path) -> None:
+    store = JsonFileStore(tmp_path / "state.json")
+    record_offline_rollback(store, reason="not yet", now=T0, config_weight=30)
+    r = rig(tmp_path, make_settings(weight=30))
+    assert (r.controller.state.state, r.controller.weight, r.split.calls[-1][0]) == ("rolled_back", 0, 0)
+
+
+def test_every_reload_is_in_the_history_and_keeps_the_state(tmp_path: Path) -> None:
+    r = rig(tmp_path)
+    r.controller.rollback(reason="by hand")
+    r.controller.apply_settings(make_settings(bake=120.0))
+    last = r.controller.history()[-1]
+    assert (last["action"], last["trigger"], last["state"], last["weight"]) == ("reload", "config", "rolled_back", 0)
+    assert r.controller.policy.bake == 120.0
 
 
 def test_operator_commands_answer_the_new_status(tmp_path: Path) -> None:

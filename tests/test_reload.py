@@ -38,7 +38,9 @@ async def test_weight_edit_applies_within_2s_under_load_without_a_failed_request
         assert set(traffic.arms_since(switched + traffic.workers)) == {"baseline"}
     assert not traffic.failures and set(traffic.statuses()) == {200}, traffic.statuses()
     history = await admin_get(proxy, "/history")
-    assert history[-1]["action"] == "set_weight" and history[-1]["trigger"] == "config"
+    actions = [(t["action"], t["trigger"], t["weight"]) for t in history]
+    # the weight edit is an operator action by config; the upstream edit is a plain reload
+    assert actions[-2:] == [("set_weight", "config", 100), ("reload", "config", 100)]
     assert any(e.get("event") == "config_reloaded" for e in proxy.events)
 
 
@@ -101,7 +103,9 @@ async def test_an_unrelated_edit_after_a_rollback_leaves_it_rolled_back(canary):
     edit(proxy.config, "window: 60s", "window: 30s")
     status = await until_status(proxy, lambda s: s["config"]["reloads"]["ok"] == 1, timeout=2.0)
     assert (status["state"], status["weight"]) == ("rolled_back", 0)
-    assert status["history"][-1]["action"] == "rollback"
+    last = status["history"][-1]
+    assert (last["action"], last["trigger"], last["state"], last["weight"]) == ("reload", "config", "rolled_back", 0)
+    assert status["history"][-2]["action"] == "rollback"
     # A changed weight is an operator action, so it does leave the rollback.
     edit(proxy.config, "weight: 50", "weight: 30")
     status = await until_status(proxy, lambda s: s["config"]["reloads"]["ok"] == 2, timeout=2.0)
