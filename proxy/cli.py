@@ -46,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.handler(args) if hasattr(args, "handler") else _dispatch(args))
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         return EXIT_RUNTIME
 
 
