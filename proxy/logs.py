@@ -1,4 +1,8 @@
-"""structlog set-up, done once at start-up; secrets are redacted before rendering."""
+"""structlog set-up, done once at start-up; secrets are redacted before rendering.
+
+aiohttp's own (stdlib) log records go through the same processors, so a traceback about
+a malformed request is rendered as JSON and scrubbed like everything else.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,33 @@ from typing import Any, MutableMapping
 
 import structlog
 
-__all__ = ["configure_logging", "redact"]
+__all__ = ["configure_logging", "redact", "REDACTED"]
 
-_SECRET_KEYS = re.compile(r"(authorization|cookie|token|api[-_]?key|secret|password)", re.I)
-_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
-_KEY_LIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_-]{8,}")
 REDACTED = "[redacted]"
+_SECRET_KEYS = re.compile(r"(authorization|cookie|token|api[-_]?key|secret|password)", re.I)
+_TEXT_PATTERNS = (
+    # Bearer / Basic credentials anywhere in a string (also inside bytes reprs)
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),
+    # "Authorization: xyz", "Cookie: a=b; c=d", "X-Api-Key: xyz" as header text
+    (re.compile(r"(?i)\b((?:proxy-)?authorization|cookie|set-cookie|x-api-key|api-key)(\s*[:=]\s*)[^\r\n'\"\\]+"),
+     r"\1\2" + REDACTED),
+    # query parameters that carry secrets: ?api_key=..., &token=..., &sig=...
+    (re.compile(r"(?i)([?&;][^=&\s]*(?:key|token|secret|password|passwd|sig|signature|auth)[^=&\s]*=)[^&\s'\"\\]+"),
+     r"\1" + REDACTED),
+    # provider-style API keys (sk-..., pk-..., rk-...)
+    (re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{8,}"), REDACTED),
+)
+
+
+def _scrub_text(text: str) -> str:
+    for pattern, replacement in _TEXT_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        return _KEY_LIKE.sub(REDACTED, _BEARER.sub(r"\1 " + REDACTED, value))
+        return _scrub_text(value)
     if isinstance(value, dict):
         return {k: REDACTED if _SECRET_KEYS.search(str(k)) else _scrub(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -28,8 +48,10 @@ def _scrub(value: Any) -> Any:
 
 
 def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Drop secret-looking fields and mask bearer tokens / API keys inside strings."""
+    """Drop secret-looking fields; mask credentials inside strings (tracebacks included)."""
     for key in list(event):
+        if key.startswith("_"):
+            continue
         if _SECRET_KEYS.search(key) and key != "event":
             event[key] = REDACTED
         else:
@@ -39,23 +61,29 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
 
 def configure_logging(*, level: str = "info", fmt: str = "json", stream: Any = None) -> None:
     numeric = getattr(logging, level.upper(), logging.INFO)
+    out = stream or sys.stderr
     renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,  # before redact: tracebacks get scrubbed too
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, redact, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
-    # aiohttp's own loggers: warnings and up, through the same stream.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=stream or sys.stderr, format="%(message)s")
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redact, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.WARNING))  # aiohttp's loggers: warnings and up

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
 import json
 
 import aiohttp
+import pytest
 import structlog
 
 from proxy.logs import configure_logging
@@ -14,34 +16,48 @@ from tests.conftest import upstream_settings
 SECRET = "sk-live-0123456789abcdef"
 
 
-async def test_failures_are_logged_without_request_secrets(proxy_factory, unused_tcp_port):
+@pytest.fixture
+def log_stream():
+    """Logging configured as `canary serve` does, into a buffer; reset afterwards."""
     stream = io.StringIO()
     configure_logging(level="debug", fmt="json", stream=stream)
-    try:
-        dead = upstream_settings("canary", f"http://127.0.0.1:{unused_tcp_port}")
-        server, _ = await proxy_factory(weight=100, canary=dead)
-        headers = {"Authorization": f"Bearer {SECRET}", "Cookie": f"session={SECRET}", "X-Api-Key": SECRET}
-        async with aiohttp.ClientSession() as client:
-            async with client.get(server.make_url(f"/v1/chat?api_key={SECRET}"), headers=headers) as resp:
-                assert resp.status == 502
-    finally:
-        structlog.reset_defaults()
+    yield stream
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
+
+
+async def test_failures_are_logged_without_request_secrets(proxy_factory, unused_tcp_port, log_stream):
+    stream = log_stream
+    dead = upstream_settings("canary", f"http://127.0.0.1:{unused_tcp_port}")
+    server, _ = await proxy_factory(weight=100, canary=dead)
+    headers = {"Authorization": f"Bearer {SECRET}", "Cookie": f"session={SECRET}", "X-Api-Key": SECRET}
+    async with aiohttp.ClientSession() as client:
+        async with client.get(server.make_url(f"/v1/chat?api_key={SECRET}"), headers=headers) as resp:
+            assert resp.status == 502
     lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
     assert any(line["event"] == "upstream_failed" for line in lines)
     assert SECRET not in stream.getvalue()
 
 
-def test_the_renderer_masks_secret_fields_and_bearer_tokens_in_text():
-    stream = io.StringIO()
-    configure_logging(level="info", fmt="json", stream=stream)
-    try:
-        log = structlog.get_logger("t")
-        log.info("evt", authorization=f"Bearer {SECRET}", admin_token="abc123secret",
-                 detail=f"upstream said: bad header Authorization: Bearer {SECRET}",
-                 headers={"Cookie": "a=b", "Accept": "text/plain"})
-    finally:
-        structlog.reset_defaults()
-    line = json.loads(stream.getvalue())
+def test_the_renderer_masks_secret_fields_and_bearer_tokens_in_text(log_stream):
+    structlog.get_logger("t").info(
+        "evt", authorization=f"Bearer {SECRET}", admin_token="abc123secret",
+        detail=f"upstream said: bad header Authorization: Bearer {SECRET}",
+        headers={"Cookie": "a=b", "Accept": "text/plain"},
+    )
+    line = json.loads(log_stream.getvalue())
     assert line["authorization"] == "[redacted]" and line["admin_token"] == "[redacted]"
-    assert SECRET not in line["detail"] and "abc123secret" not in stream.getvalue()
+    assert SECRET not in line["detail"] and "abc123secret" not in log_stream.getvalue()
     assert line["headers"] == {"Cookie": "[redacted]", "Accept": "text/plain"}
+
+
+def test_aiohttp_stdlib_records_are_json_and_scrubbed(log_stream):
+    try:
+        raise ValueError(f"bad header b'Authorization: Bearer {SECRET}' in http://u/x?api_key=AIzaSecret99")
+    except ValueError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    stream = log_stream
+    line = json.loads(stream.getvalue())
+    assert line["event"] == "Error handling request" and line["level"] == "error"
+    assert "ValueError" in line["exception"]
+    assert SECRET not in stream.getvalue() and "AIzaSecret99" not in stream.getvalue()
