@@ -81,10 +81,40 @@ def _load_config(path: str | None, *, have_url: bool) -> Settings | None:
     try:
         return load_settings(path)
     except ConfigError as exc:
-        if not have_url:
+        # A broken edit is exactly when an operator may need `rollback`: fall back to what
+        # the file still says about the admin listener and the state store.
+        settings = _admin_hints(path)
+        if settings is None and not have_url:
             raise UsageError(f"{exc}\nfix the config, or pass --admin URL and set CANARY_ADMIN_TOKEN") from None
-        print(f"warning: ignoring the invalid config {path}:\n{exc}", file=sys.stderr)
+        print(f"warning: the config {path} is invalid; using only its admin and state keys:\n{exc}", file=sys.stderr)
+        return settings
+
+
+def _admin_hints(path: str) -> Settings | None:
+    """`admin.*`, `state.path` and `rollout.weight` read leniently from an invalid config
+    (the rest ignored); None when even those are broken."""
+    from pathlib import Path
+
+    import yaml
+
+    from config.loader import parse_settings
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        keep = {key: raw[key] for key in ("admin", "state") if key in raw}
+        weight = (raw.get("rollout") or {}).get("weight")
+    except (OSError, yaml.YAMLError, TypeError, AttributeError):
         return None
+    keep["upstreams"] = {arm: {"url": "http://127.0.0.1:1"} for arm in ("baseline", "canary")}
+    for rollout in ({"weight": weight}, {}):
+        try:
+            return parse_settings(
+                yaml.safe_dump({**keep, "rollout": rollout}), filename=path,
+                base_dir=Path(path).resolve().parent, env=os.environ,
+            )
+        except ConfigError:
+            continue
+    return None
 
 
 def admin_url(listen: HostPort, source: object = None) -> tuple[str | None, str]:
@@ -148,7 +178,10 @@ class AdminClient:
             headers["Content-Type"] = "application/json"
             if self.target.token:
                 headers["Authorization"] = f"Bearer {self.target.token}"
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        except ValueError as exc:
+            raise UsageError(f"invalid admin URL {self.url!r}: {exc}") from None
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
@@ -188,6 +221,9 @@ def _run(args: argparse.Namespace, body: Callable[[AdminClient], int]) -> int:
         return EXIT_USAGE
     try:
         return body(AdminClient(target, timeout=args.timeout))
+    except UsageError as exc:
+        print(f"canary {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except AdminHTTPError as exc:
         print(f"canary {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.status == 400 else EXIT_RUNTIME
@@ -199,6 +235,8 @@ def _run(args: argparse.Namespace, body: Callable[[AdminClient], int]) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     def show(client: AdminClient) -> int:
         status = client.get("/status")
+        if not isinstance(status, dict) or "state" not in status:
+            raise AdminError(f"{client.url}/status is not canary-proxy's status: is that the admin listener?")
         if args.json:
             print(json.dumps(status, indent=2, sort_keys=True))
         else:
@@ -264,12 +302,22 @@ def _percent(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 3600], got {text}")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser, add_config_arg: Callable[..., None]) -> None:
     add_config_arg(parser)
     parser.add_argument("--admin", metavar="URL", default=None,
                         help="the admin listener, e.g. http://127.0.0.1:8081 (default: $CANARY_ADMIN_URL, "
                              "else admin.listen from the config); the token comes from $CANARY_ADMIN_TOKEN")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                         help="how long to wait for the admin listener (default 10)")
 
 

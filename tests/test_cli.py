@@ -8,6 +8,7 @@ import json
 
 from tests.admin_support import canary  # noqa: F401 (fixture)
 from tests.admin_support import TOKEN, Traffic, admin_get, control_config, free_port, run_cli, until_status
+from tests.serve_process import write_config
 
 
 async def test_status_prints_a_readable_summary_and_json(canary):
@@ -134,3 +135,29 @@ async def test_toggle_script_wraps_resume_rollback_status(canary):
     usage = await run_cli("scripts/toggle_async.sh", "sideways", env=env)
     assert usage.code == 2 and "enable|disable|status" in usage.err
 
+
+
+async def test_rollback_works_while_the_config_has_a_broken_edit(canary, tmp_path, upstreams):
+    config = control_config(tmp_path / "canary.yaml", upstreams, weight=50, admin_port=free_port())
+    proxy = await canary(config)
+    write_config(config, config.read_text().replace("bake: 1h", "bake: soon"))  # the running proxy rejects it
+    await until_status(proxy, lambda s: s["config"]["error"] is not None, 5)
+    result = await run_cli("rollback", "-c", str(config), "--reason", "broken edit, bad canary")
+    assert result.code == 0, result.err
+    assert "config" in result.err and "rollout.bake" in result.err  # warned, not refused
+    status = await admin_get(proxy, "/status")
+    assert (status["state"], status["weight"]) == ("rolled_back", 0)
+
+
+async def test_pointing_at_the_wrong_listener_or_a_bad_url_is_a_clear_error(canary):
+    proxy = await canary()
+    wrong, bad, timeout = await asyncio.gather(
+        run_cli("status", "--admin", proxy.proxy_url),
+        run_cli("status", "--admin", "http://[bad"),
+        run_cli("status", "--admin", proxy.admin_url, "--timeout", "-1"),
+    )
+    assert wrong.code == 1 and "is that the admin listener" in wrong.err
+    assert bad.code == 2 and "invalid admin URL" in bad.err
+    assert timeout.code == 2 and "seconds" in timeout.err
+    for result in (wrong, bad, timeout):
+        assert "Traceback" not in result.err
