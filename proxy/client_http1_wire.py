@@ -140,6 +140,12 @@ class Exchange:
 class Connection(asyncio.Protocol):
     """A pooled upstream connection; httptools calls the `on_*` methods while parsing."""
 
+    __slots__ = (
+        "owner", "loop", "transport", "exchange", "reusable", "idle_since", "in_idle", "_parser",
+        "_fresh_parser", "_headers", "_reason", "_interim", "_until_eof", "_reading_paused",
+        "_write_paused", "_drain",
+    )
+
     def __init__(self, owner: Http1Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.owner = owner
         self.loop = loop

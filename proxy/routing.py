@@ -45,6 +45,7 @@ class RoutingSnapshot:
 
 class RequestLike(Protocol):
     path: str
+    raw_path: str
     headers: Mapping[str, str]
     cookies: Mapping[str, str]
 
@@ -69,7 +70,10 @@ class Router:
             forced = headers.get(snap.force_header)
             if forced == "canary" or forced == "baseline":
                 return forced
-        if not request.path.startswith(snap.paths):
+        # Decoding the path costs ~1 µs per request; with "/" among the prefixes, a raw
+        # origin-form target ("/...") is known to match without it.
+        matches_all = "/" in snap.paths and request.raw_path.startswith("/")
+        if not matches_all and not request.path.startswith(snap.paths):
             return "baseline"
         weight = snap.weight
         if weight <= 0:

@@ -157,17 +157,20 @@ class CanaryServer:
     # -- the tick: rollout analysis and config watching -----------------------------
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        next_analysis = loop.time()
+        last_analysis = float("-inf")
         while True:
             now = loop.time()
             try:
-                if now >= next_analysis:
-                    next_analysis = now + self.settings.analysis.interval
+                # Measured from the last tick with the current interval, so a reloaded
+                # (shorter) analysis.interval applies at once.
+                if now - last_analysis >= self.settings.analysis.interval:
+                    last_analysis = now
                     self.controller.tick()
                 self._poll_config(now)
             except Exception:  # the tick must survive anything; the error is logged
                 log.exception("tick_failed")
-            await asyncio.sleep(min(_WATCH_EVERY, max(0.01, next_analysis - loop.time())))
+            due = last_analysis + self.settings.analysis.interval
+            await asyncio.sleep(min(_WATCH_EVERY, max(0.01, due - loop.time())))
 
     def _poll_config(self, now: float) -> None:
         if self._watcher is None:
@@ -224,3 +227,8 @@ class CanaryServer:
         await self.start()
         await stop.wait()
         await self.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Done: a repeated signal while the interpreter exits must not turn exit 0 into
+            # death by signal (closing the loop would restore the default action).
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)

@@ -6,7 +6,8 @@ outcome in O(1). No config reads, no rollout logic, no info-level logging.
 
 It runs on aiohttp's low-level `web.Server` (`make_proxy_server`): a proxy has a single
 catch-all route, so URL dispatch, match info and middleware plumbing of a
-`web.Application` would only cost time (~11 µs of ~75 µs per request on one core).
+`web.Application` would only cost time (~11 µs per request: 19.5k → 24.8k req/s for aiohttp
+answering by itself on one core).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from proxy.headers import client_response_headers, upstream_request_headers
 from proxy.routing import Router
 from rollout.evidence import ArmRecorder, OutcomeRecorder
 
-__all__ = ["ProxyHandler", "ProxyState", "forward", "make_proxy_handler", "make_proxy_server"]
+__all__ = ["PROXY_SERVER_OPTIONS", "ProxyHandler", "ProxyState", "forward", "make_proxy_handler", "make_proxy_server"]
 
 log = structlog.get_logger("canary.proxy")
 
 ProxyHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# Request bodies pass through as they came: a gzip upload stays gzip (Content-Encoding).
+PROXY_SERVER_OPTIONS: dict[str, Any] = {"max_field_size": 16384, "auto_decompress": False}
 
 
 class ProxyState:
@@ -58,8 +61,7 @@ def make_proxy_handler(state: ProxyState) -> ProxyHandler:
 
 def make_proxy_server(state: ProxyState, **kwargs: Any) -> web.Server:
     """The proxy listener's aiohttp server; `kwargs` go to `web.Server` (e.g. access_log)."""
-    kwargs.setdefault("max_field_size", 16384)
-    return web.Server(make_proxy_handler(state), **kwargs)
+    return web.Server(make_proxy_handler(state), **{**PROXY_SERVER_OPTIONS, **kwargs})
 
 
 def _target(request: web.BaseRequest) -> str:

@@ -18,7 +18,7 @@ from config.settings import (
 )
 from proxy.client_transport import HTTP1_CLIENTS, make_transport
 from proxy.routing import Router, RoutingSnapshot
-from proxy.web_proxy import ProxyState, make_proxy_handler
+from proxy.web_proxy import PROXY_SERVER_OPTIONS, ProxyState, make_proxy_handler
 from rollout.evidence import OutcomeRecorder
 from tests.upstreams import make_upstream_app
 
@@ -80,7 +80,7 @@ async def proxy_factory(aiohttp_raw_server, upstreams, http1_client) -> ProxyFac
             clock=__import__("time").monotonic,
         )
         states.append(state)
-        server = await aiohttp_raw_server(make_proxy_handler(state), max_field_size=16384)
+        server = await aiohttp_raw_server(make_proxy_handler(state), **PROXY_SERVER_OPTIONS)
         return server, state
 
     yield start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 import aiohttp
@@ -74,6 +75,17 @@ async def test_head_bodiless_statuses_and_chunked_answers_keep_their_framing(pro
                 assert await resp.read() == b"one,two"
             async with client.get(server.make_url("/gzip")) as resp:
                 assert await resp.read() == GZIP_BODY
+
+
+async def test_gzip_request_body_passes_through_compressed(proxy_factory):
+    server, _ = await proxy_factory(weight=100)
+    raw = b"hello compressed upload " * 1000
+    headers = {"Content-Encoding": "gzip"}
+    async with aiohttp.ClientSession() as client:
+        async with client.post(server.make_url("/echo"), data=gzip.compress(raw), headers=headers) as resp:
+            echo = await resp.json()  # the upstream could decompress it: it came as sent
+    assert resp.status == 200 and echo["body_len"] == len(raw)
+    assert echo["headers"]["Content-Encoding"] == "gzip"
 
 
 async def test_sse_first_event_arrives_before_the_stream_ends(proxy_factory, upstreams):
