@@ -77,7 +77,7 @@ class Http1Transport:
                 if conn is None:
                     conn = await self._connect(loop)
                 exchange = Exchange(self, conn, head_only=method == "HEAD", deadline=deadline)
-                conn.start(exchange, head, body)
+                conn.start(exchange, head, body, chunked="Content-Length" not in headers)
                 while exchange.headers is None:
                     if exchange.error is not None:
                         raise exchange.error
@@ -100,9 +100,10 @@ class Http1Transport:
             parts += (name, ": ", value, "\r\n")
         lines = len(headers) + 3
         if has_body:
-            parts.append("Transfer-Encoding: chunked\r\n")
-            lines += 1
-        elif method in _EXPECTS_BODY:
+            if "Content-Length" not in headers:
+                parts.append("Transfer-Encoding: chunked\r\n")
+                lines += 1
+        elif method in _EXPECTS_BODY and "Content-Length" not in headers:
             parts.append("Content-Length: 0\r\n")
             lines += 1
         parts.append("\r\n")

@@ -246,24 +246,31 @@ class Connection(asyncio.Protocol):
             self.exchange.on_complete()
 
     # -- used by the transport ------------------------------------------------------
-    def start(self, exchange: Exchange, head: bytes, body: AsyncIterable[bytes] | None) -> None:
+    def start(
+        self, exchange: Exchange, head: bytes, body: AsyncIterable[bytes] | None, *, chunked: bool = True
+    ) -> None:
         self.exchange = exchange
         self._until_eof = False
         self.transport.write(head)  # type: ignore[union-attr]
         if body is not None:
-            exchange.body_task = self.loop.create_task(self._send_body(exchange, body))
+            exchange.body_task = self.loop.create_task(self._send_body(exchange, body, chunked))
 
-    async def _send_body(self, exchange: Exchange, body: AsyncIterable[bytes]) -> None:
-        """Stream the request body chunked; a client that breaks off fails the exchange."""
+    async def _send_body(self, exchange: Exchange, body: AsyncIterable[bytes], chunked: bool) -> None:
+        """Stream the request body (chunked, or as is under the client's Content-Length);
+        a client that breaks off fails the exchange."""
         transport = self.transport
         try:
             async for chunk in body:
                 if not chunk:
                     continue
-                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
+                if chunked:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))  # type: ignore[union-attr]
+                else:
+                    transport.write(chunk)  # type: ignore[union-attr]
                 if self._write_paused:
                     await self._drained()
-            transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+            if chunked:
+                transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
         except _Closed:
             return  # connection_lost already failed the exchange
         except Exception as exc:  # the client's body broke off: not the upstream's fault

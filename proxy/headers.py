@@ -19,8 +19,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Set by the transport for the upstream, never copied from the client.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
+# Set by the transport for the upstream, never copied from the client. Content-Length is
+# kept (a legacy upstream may not take chunked bodies) unless the client sent chunked.
+_REQUEST_DROP = HOP_BY_HOP | {"host"}
 
 
 def _drop_hop_by_hop(out: CIMultiDict[str], drop: frozenset[str]) -> CIMultiDict[str]:
@@ -46,6 +47,8 @@ def upstream_request_headers(
 ) -> CIMultiDict[str]:
     """The headers to send upstream: end-to-end ones plus X-Forwarded-*."""
     out = _drop_hop_by_hop(CIMultiDict(headers), _REQUEST_DROP)
+    if "Transfer-Encoding" in headers:
+        out.popall("Content-Length", None)  # RFC 9112 §6.3: chunked wins over a length
     if client_ip:
         prior = out.get("X-Forwarded-For")
         out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip

@@ -18,7 +18,7 @@ import json
 from typing import Any, Awaitable, Callable
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from config.errors import UpstreamError
@@ -60,8 +60,11 @@ def make_proxy_handler(state: ProxyState) -> ProxyHandler:
 
 
 def make_proxy_server(state: ProxyState, **kwargs: Any) -> web.Server:
-    """The proxy listener's aiohttp server; `kwargs` go to `web.Server` (e.g. access_log)."""
-    return web.Server(make_proxy_handler(state), **{**PROXY_SERVER_OPTIONS, **kwargs})
+    """The proxy listener's aiohttp server; `kwargs` go to `web.Server` (e.g. access_log).
+    A client that goes away cancels its handler, so its upstream exchange stops at once
+    (and, as aiohttp's test server does too, tests see what production does)."""
+    options = {**PROXY_SERVER_OPTIONS, "handler_cancellation": True, **kwargs}
+    return web.Server(make_proxy_handler(state), **options)
 
 
 def _target(request: web.BaseRequest) -> str:
@@ -85,7 +88,6 @@ async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamR
     arm = router.choose_arm(request)
     recorder = state.recorders[arm]
     clock = state.clock
-    request_id = recorder.begin(clock())
     request_headers = request.headers
     headers = upstream_request_headers(
         request_headers, client_ip=request.remote, scheme=request.scheme, host=request.host
@@ -93,11 +95,15 @@ async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamR
     body = None
     if request.body_exists:
         if "Expect" in request_headers:
-            await _expect_continue(request)
+            await _expect_continue(request)  # before begin(): a 417 is not an upstream outcome
         body = request.content.iter_any()
+    request_id = recorder.begin(clock())
     try:
         upstream = await state.transports[arm].send(request.method, _target(request), headers, body)
     except UpstreamError as exc:
+        if _client_gone(request):  # its upload broke off: not the upstream's fault
+            recorder.abandon(request_id)
+            return web.Response(status=499, reason="Client Closed Request")  # never delivered
         recorder.finish(request_id, exc.status, clock(), proxy_error=True)
         log.warning("upstream_failed", arm=arm, kind=exc.kind, status=exc.status, detail=str(exc))
         return _error_response(exc, arm, router.snapshot.arm_header)
@@ -146,10 +152,15 @@ async def _stream_back(
 async def _expect_continue(request: web.BaseRequest) -> None:
     """`Expect: 100-continue`: answer it here, as aiohttp's URL dispatcher would."""
     expect = request.headers.get("Expect", "")
-    if expect.lower() != "100-continue" or request.version != web.HttpVersion11:
+    if expect.lower() != "100-continue" or request.version != HttpVersion11:
         raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing() or request.content.exception() is not None
 
 
 def _abort(request: web.BaseRequest) -> None:

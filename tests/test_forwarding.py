@@ -235,3 +235,56 @@ async def _arms_of(server, header_sets: list[dict[str, str]]) -> list[str]:
                 return resp.headers["X-Canary-Arm"]
         return list(await asyncio.gather(*(one(h) for h in header_sets)))
 
+
+
+async def test_a_request_body_keeps_its_content_length_and_chunked_stays_chunked(proxy_factory):
+    """A legacy upstream that cannot read chunked bodies still gets the client's length."""
+    server, _ = await proxy_factory(weight=0)
+
+    async def chunks():
+        yield b"abc"
+        yield b"defgh"
+
+    async with aiohttp.ClientSession() as client:
+        async with client.post(server.make_url("/echo"), data=b"x" * 3000) as resp:
+            sized = await resp.json()
+        async with client.post(server.make_url("/echo"), data=chunks()) as resp:
+            streamed = await resp.json()
+    sized_headers = {k.lower(): v for k, v in sized["headers"].items()}
+    assert sized_headers.get("content-length") == "3000" and "transfer-encoding" not in sized_headers
+    assert sized["body_len"] == 3000
+    streamed_headers = {k.lower(): v for k, v in streamed["headers"].items()}
+    assert streamed_headers.get("transfer-encoding") == "chunked" and "content-length" not in streamed_headers
+    assert streamed["body_len"] == 8
+
+
+async def test_a_client_that_breaks_off_its_upload_is_not_an_upstream_error(proxy_factory, upstreams):
+    server, state = await proxy_factory(weight=100)
+    canary = upstreams["canary"].app[STATS]
+    for attempt in range(1, 4):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"p" * 100_000)
+        await writer.drain()
+        await until(lambda: canary.received >= attempt * 100_000, what="the upload reaching the upstream")
+        writer.close()
+        await until(lambda: state.recorder.arms["canary"].inflight == 0, what="request settled")
+    counts = state.recorder.arms["canary"].stage_counts()
+    assert (counts.requests, counts.errors) == (0, 0)
+
+
+async def test_expect_100_continue_is_answered_and_a_bad_expect_refused(proxy_factory):
+    server, state = await proxy_factory(weight=100)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    async with aiohttp.ClientSession() as client:
+        async with client.post(server.make_url("/upload"), data=b"abc", headers={"Expect": "magic"}) as resp:
+            assert resp.status == 417
+    assert state.recorder.arms["canary"].inflight == 0  # the refused one was never counted
+    assert state.recorder.arms["canary"].stage_counts().requests == 1

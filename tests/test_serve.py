@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.serve_process import ServeProcess, write_config
-from tests.polling import until
+from tests.polling import until, until_async
 from tests.upstreams import STATS
 
 MB = 1024 * 1024
@@ -108,4 +108,22 @@ async def test_1000_concurrent_slow_requests_are_all_answered(serve):
                 return resp.status
         statuses = await asyncio.gather(*(one() for _ in range(1000)))
     assert statuses.count(200) == 1000
+
+
+
+async def test_clients_that_break_off_uploads_are_not_counted_against_the_canary(serve, upstreams):
+    proxy = await serve(weight=100)
+    canary = upstreams["canary"].app[STATS]
+    for attempt in range(1, 4):
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.proxy_port)
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"p" * 100_000)
+        await writer.drain()
+        await until(lambda: canary.received >= attempt * 100_000, what="the upload reaching the upstream")
+        writer.close()
+    async with aiohttp.ClientSession() as client:
+        async def canary_stage() -> dict:
+            async with client.get(f"{proxy.admin_url}/status") as resp:
+                return (await resp.json())["arms"]["canary"]
+        arm = await until_async(canary_stage, lambda arm: arm["inflight"] == 0)
+    assert arm["stage"]["errors"] == 0 and arm["errors"] == 0
 

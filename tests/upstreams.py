@@ -18,6 +18,7 @@ class UpstreamStats:
         self.hits = 0
         self.inflight = 0
         self.release = asyncio.Event()
+        self.received = 0  # request body bytes read by /upload so far
         self.fail_ratio = 0.0  # this share of requests answers 500, evenly spread
         self.hang = False  # every request waits for `release`
         self._failed = 0
@@ -96,6 +97,7 @@ def make_upstream_app(name: str) -> web.Application:
         total = 0
         async for chunk in request.content.iter_any():
             total += len(chunk)
+            stats.received += len(chunk)
         return web.json_response({"received": total})
 
     async def download(request: web.Request) -> web.StreamResponse:
