@@ -76,6 +76,7 @@ class AdminUnreachable(AdminError):
 class UpstreamError(CanaryError):
     status = 502
     kind = "upstream_error"
+    public = "the upstream failed"  # what the client is told: no internal addresses
 
     def __init__(self, arm: str, message: str) -> None:
         self.arm = arm
@@ -85,13 +86,16 @@ class UpstreamError(CanaryError):
 class UpstreamConnectError(UpstreamError):
     status = 502
     kind = "upstream_unreachable"
+    public = "the upstream is unreachable or broke the connection"
 
 
 class UpstreamTimeout(UpstreamError):
     status = 504
     kind = "upstream_timeout"
+    public = "the upstream timed out"
 
 
 class PoolExhausted(UpstreamError):
     status = 503
     kind = "pool_exhausted"
+    public = "all connections to the upstream are busy"

@@ -9,6 +9,7 @@ low-level `web.Server`, which has no cleanup context) has drained.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import signal
 import time
@@ -74,11 +75,15 @@ class CanaryServer:
         self._watcher = ConfigWatcher(settings.source) if settings.source else None
         self._pending_since: float | None = None
         self._runners: list[web.BaseRunner] = []
+        self._started = asyncio.Event()
         self.proxy_port = 0
         self.admin_port = 0
 
     # -- start / stop -------------------------------------------------------------
     async def start(self) -> None:
+        """Bind both listeners (traffic goes to the baseline until the rollout state is
+        loaded), then load the state and start the tick. A failed bind leaves nothing
+        behind: no client sessions, no new token, no state written."""
         loop = asyncio.get_running_loop()
         self._ensure_token()
         self.upstreams = UpstreamClients(self.settings.upstreams)
@@ -94,7 +99,22 @@ class CanaryServer:
             monotonic=loop.time,
             series_step=series_step(self.settings.analysis.interval),
         )
+        try:
+            await self._bind()
+        except BaseException:
+            await self.stop(quiet=True)
+            raise
         self.controller.start()
+        self._started.set()
+        log.info(
+            "serving",
+            proxy=f"http://{self.settings.listen.host}:{self.proxy_port}",
+            admin=f"http://{self.settings.admin.listen.host}:{self.admin_port}",
+            weight=self.router.snapshot.weight,
+            config=self.config.path,
+        )
+
+    async def _bind(self) -> None:
         from proxy.web_admin import make_admin_app
 
         admin_app = make_admin_app(self)
@@ -105,33 +125,29 @@ class CanaryServer:
         admin_runner = web.AppRunner(admin_app, access_log=None, **drain)
         self.proxy_port = await self._listen(proxy_runner, self.settings.listen.host, self.settings.listen.port)
         self.admin_port = await self._listen(admin_runner, self.settings.admin.listen.host, self.settings.admin.listen.port)
-        log.info(
-            "serving",
-            proxy=f"http://{self.settings.listen.host}:{self.proxy_port}",
-            admin=f"http://{self.settings.admin.listen.host}:{self.admin_port}",
-            weight=self.router.snapshot.weight,
-            config=self.config.path,
-        )
 
     async def _listen(self, runner: web.BaseRunner, host: str, port: int) -> int:
+        self._runners.append(runner)
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
         await site.start()
-        self._runners.append(runner)
         return runner.addresses[0][1]
 
-    async def stop(self) -> None:
+    async def stop(self, *, quiet: bool = False) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close."""
-        log.info("draining", timeout=self.settings.drain_timeout)
+        if not quiet:
+            log.info("draining", timeout=self.settings.drain_timeout)
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
         if self.upstreams is not None:  # the proxy has drained: no request uses them now
             await self.upstreams.close()
-        log.info("stopped")
+            self.upstreams = None
+        if not quiet:
+            log.info("stopped")
 
     async def _tick_ctx(self, _app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(self._tick_loop())
+        task = asyncio.create_task(self._tick_loop())  # it waits for start() to finish
         yield
         task.cancel()
         try:
@@ -140,15 +156,24 @@ class CanaryServer:
             pass
 
     def _ensure_token(self) -> None:
-        """No token configured: make one, readable by the CLI beside the state file."""
+        """No token configured: use the token file beside the state file, making it once
+        (mode 0600). Reusing it means a restart, or a second `serve` that fails to bind,
+        never invalidates the token the CLI and operators already hold."""
         if self.admin_token:
             return
         path = token_path(self.settings)
+        try:
+            existing = path.read_text().strip()
+        except FileNotFoundError:
+            existing = ""
+        if existing:
+            self.admin_token = existing
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
-        tmp = path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        with open(tmp, "x", opener=lambda p, f: __import__("os").open(p, f, 0o600)) as fh:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
         tmp.replace(path)
         self.admin_token = token
@@ -156,6 +181,7 @@ class CanaryServer:
 
     # -- the tick: rollout analysis and config watching -----------------------------
     async def _tick_loop(self) -> None:
+        await self._started.wait()
         loop = asyncio.get_running_loop()
         last_analysis = float("-inf")
         while True:
@@ -204,6 +230,8 @@ class CanaryServer:
         old = self.settings
         if fresh.listen != old.listen or fresh.admin.listen != old.admin.listen:
             log.warning("listen_change_needs_restart", listen=str(fresh.listen), admin=str(fresh.admin.listen))
+        if fresh.logging != old.logging:
+            log.warning("logging_change_needs_restart", level=fresh.logging.level, format=fresh.logging.format)
         if fresh.admin.token and fresh.admin.token != self.admin_token:
             self.admin_token = fresh.admin.token
         self.recorder.configure(

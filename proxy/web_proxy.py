@@ -76,7 +76,7 @@ def _target(request: web.BaseRequest) -> str:
 
 
 def _error_response(exc: UpstreamError, arm: ArmName, arm_header: str) -> web.Response:
-    body = json.dumps({"error": str(exc), "kind": exc.kind, "arm": arm})
+    body = json.dumps({"error": f"{arm}: {exc.public}", "kind": exc.kind, "arm": arm})
     response = web.Response(status=exc.status, text=body, content_type="application/json")
     if arm_header:
         response.headers[arm_header] = arm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -127,3 +128,24 @@ async def test_clients_that_break_off_uploads_are_not_counted_against_the_canary
         arm = await until_async(canary_stage, lambda arm: arm["inflight"] == 0)
     assert arm["stage"]["errors"] == 0 and arm["errors"] == 0
 
+
+
+async def test_a_second_serve_on_the_same_ports_fails_cleanly_and_keeps_the_token(tmp_path, upstreams):
+    from tests.admin_support import control_config, free_port
+
+    config = control_config(tmp_path / "canary.yaml", upstreams, token=None, admin_port=free_port())
+    first = await ServeProcess(config).start()
+    try:
+        token_file = tmp_path / "var" / "admin.token"
+        token = token_file.read_text()
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "serve", "-c", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(second.communicate(), 20)
+        assert second.returncode == 1 and b"cannot start" in err
+        assert b"Traceback" not in err and b"Unclosed" not in err
+        assert token_file.read_text() == token  # the running proxy's token still works
+    finally:
+        await first.kill()
