@@ -24,6 +24,11 @@ def sticky_bucket(key: str) -> int:
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % BUCKETS
 
 
+def _segment_prefixes(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """`/api` takes part for `/api` and `/api/...`, not for `/apiary`."""
+    return tuple(p if p.endswith("/") else p + "/" for p in paths)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoutingSnapshot:
     weight: int
@@ -31,6 +36,13 @@ class RoutingSnapshot:
     sticky_key: StickyKey | None
     force_header: str
     arm_header: str
+    prefixes: tuple[str, ...] = ()  # derived from `paths`: each ending in "/"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefixes", _segment_prefixes(self.paths))
+
+    def takes_part(self, path: str) -> bool:
+        return path.startswith(self.prefixes) or path in self.paths
 
     @classmethod
     def from_settings(cls, routing: RoutingSettings, weight: int) -> RoutingSnapshot:
@@ -73,7 +85,7 @@ class Router:
         # Decoding the path costs ~1 µs per request; with "/" among the prefixes, a raw
         # origin-form target ("/...") is known to match without it.
         matches_all = "/" in snap.paths and request.raw_path.startswith("/")
-        if not matches_all and not request.path.startswith(snap.paths):
+        if not matches_all and not snap.takes_part(request.path):
             return "baseline"
         weight = snap.weight
         if weight <= 0:

@@ -165,6 +165,10 @@ async def test_paths_outside_the_split_go_to_baseline(proxy_factory):
             assert (await resp.json())["arm"] == "canary"
         async with client.get(server.make_url("/v1/models")) as resp:
             assert (await resp.json())["arm"] == "baseline"
+        async with client.get(server.make_url("/v1/chat")) as resp:
+            assert (await resp.json())["arm"] == "canary"
+        async with client.get(server.make_url("/v1/chatty")) as resp:  # a prefix is whole segments
+            assert (await resp.json())["arm"] == "baseline"
 
 
 async def test_random_split_ratio_is_within_binomial_tolerance(proxy_factory):
