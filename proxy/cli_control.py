@@ -292,24 +292,23 @@ def _offline_rollback(target: AdminTarget, reason: str, why: str) -> int:
     return EXIT_OK
 
 
-def _percent(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole percent 0..100, got {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"expected a whole percent 0..100, got {value}")
-    return value
+def _bounded(convert: Callable[[str], float], low: float, high: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: a number in [low, high] (low excluded for seconds)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (low <= value <= high) or (convert is float and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"expected seconds in (0, 3600], got {text}")
-    return value
+_percent = _bounded(int, 0, 100, "a whole percent 0..100")
+_seconds = _bounded(float, 0, 3600, "seconds in (0, 3600]")
 
 
 def _add_common(parser: argparse.ArgumentParser, add_config_arg: Callable[..., None]) -> None:

@@ -11,7 +11,7 @@ import aiohttp
 from config.settings import PoolSettings, RoutingSettings, StickyKey, TimeoutSettings
 from tests.conftest import upstream_settings
 from tests.polling import until
-from tests.upstreams import GZIP_BODY, STATS
+from tests.upstreams import GZIP_BODY, STATS, break_off_uploads
 
 
 async def test_method_path_query_and_body_reach_the_chosen_upstream(proxy_factory):
@@ -266,14 +266,10 @@ async def test_a_request_body_keeps_its_content_length_and_chunked_stays_chunked
 
 async def test_a_client_that_breaks_off_its_upload_is_not_an_upstream_error(proxy_factory, upstreams):
     server, state = await proxy_factory(weight=100)
-    canary = upstreams["canary"].app[STATS]
-    for attempt in range(1, 4):
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"p" * 100_000)
-        await writer.drain()
-        await until(lambda: canary.received >= attempt * 100_000, what="the upload reaching the upstream")
-        writer.close()
+    async def settled() -> None:
         await until(lambda: state.recorder.arms["canary"].inflight == 0, what="request settled")
+
+    await break_off_uploads(server.port, upstreams["canary"].app[STATS], settle=settled)
     counts = state.recorder.arms["canary"].stage_counts()
     assert (counts.requests, counts.errors) == (0, 0)
 

@@ -14,13 +14,13 @@ import pytest
 from config.loader import load_settings
 from proxy.server import CanaryServer
 from tests.polling import until
+from tests.admin_support import upstream_url
 from tests.serve_process import write_config
 from tests.upstreams import STATS
 
 
 def rollout_config(tmp_path: Path, upstreams, *, extra: str = "", bake: str = "200ms") -> Path:
-    base = str(upstreams["baseline"].make_url("")).rstrip("/")
-    canary = str(upstreams["canary"].make_url("")).rstrip("/")
+    base, canary = upstream_url(upstreams["baseline"]), upstream_url(upstreams["canary"])
     return write_config(
         tmp_path / "canary.yaml",
         f"""

@@ -10,16 +10,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.admin_support import control_config, free_port, upstream_url
 from tests.serve_process import ServeProcess, write_config
 from tests.polling import until, until_async
-from tests.upstreams import STATS
+from tests.upstreams import STATS, break_off_uploads
 
 MB = 1024 * 1024
 
 
 def serve_config(tmp_path: Path, upstreams, *, weight: int = 50, pool: int = 100, extra: str = "") -> Path:
-    base = str(upstreams["baseline"].make_url("")).rstrip("/")
-    canary = str(upstreams["canary"].make_url("")).rstrip("/")
+    base, canary = upstream_url(upstreams["baseline"]), upstream_url(upstreams["canary"])
     return write_config(
         tmp_path / "canary.yaml",
         f"""
@@ -114,13 +114,7 @@ async def test_1000_concurrent_slow_requests_are_all_answered(serve):
 
 async def test_clients_that_break_off_uploads_are_not_counted_against_the_canary(serve, upstreams):
     proxy = await serve(weight=100)
-    canary = upstreams["canary"].app[STATS]
-    for attempt in range(1, 4):
-        _, writer = await asyncio.open_connection("127.0.0.1", proxy.proxy_port)
-        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"p" * 100_000)
-        await writer.drain()
-        await until(lambda: canary.received >= attempt * 100_000, what="the upload reaching the upstream")
-        writer.close()
+    await break_off_uploads(proxy.proxy_port, upstreams["canary"].app[STATS])
     async with aiohttp.ClientSession() as client:
         async def canary_stage() -> dict:
             async with client.get(f"{proxy.admin_url}/status") as resp:
@@ -131,8 +125,6 @@ async def test_clients_that_break_off_uploads_are_not_counted_against_the_canary
 
 
 async def test_a_second_serve_on_the_same_ports_fails_cleanly_and_keeps_the_token(tmp_path, upstreams):
-    from tests.admin_support import control_config, free_port
-
     config = control_config(tmp_path / "canary.yaml", upstreams, token=None, admin_port=free_port())
     first = await ServeProcess(config).start()
     try:

@@ -8,7 +8,7 @@ import json
 
 from aiohttp import web
 
-__all__ = ["STATS", "UpstreamStats", "make_upstream_app", "GZIP_BODY"]
+__all__ = ["STATS", "UpstreamStats", "break_off_uploads", "make_upstream_app", "GZIP_BODY"]
 
 
 class UpstreamStats:
@@ -140,3 +140,18 @@ def make_upstream_app(name: str) -> web.Application:
     app.router.add_get("/broken", broken)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
+
+
+async def break_off_uploads(port: int, stats: UpstreamStats, *, count: int = 3, settle=None) -> None:
+    """Clients that start a 1 MB upload through the proxy on `port` and leave after 100 KB
+    reached the upstream; `settle()` is awaited after each one."""
+    from tests.polling import until
+
+    for attempt in range(1, count + 1):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"p" * 100_000)
+        await writer.drain()
+        await until(lambda: stats.received >= attempt * 100_000, what="the upload reaching the upstream")
+        writer.close()
+        if settle is not None:
+            await settle()
