@@ -19,7 +19,7 @@ from tests.serve_process import write_config
 from tests.upstreams import STATS
 
 
-def rollout_config(tmp_path: Path, upstreams, *, extra: str = "", bake: str = "200ms") -> Path:
+def rollout_config(tmp_path: Path, upstreams, *, bake: str = "200ms") -> Path:
     base, canary = upstream_url(upstreams["baseline"]), upstream_url(upstreams["canary"])
     return write_config(
         tmp_path / "canary.yaml",
@@ -36,7 +36,6 @@ analysis:
   interval: 50ms
   min_requests: 20
   latency: {{p95_warning: 300ms, p99_critical: 600ms}}
-{extra}
 """,
     )
 
@@ -72,22 +71,22 @@ async def traffic(server: CanaryServer, *, concurrency: int = 8) -> AsyncIterato
 
 
 def canary_requests(server: CanaryServer) -> int:
-    return server.recorder.arms["canary"].code_totals and sum(server.recorder.arms["canary"].code_totals)
+    """Every canary request the proxy answered since it started (all code classes)."""
+    return sum(server.recorder.arms["canary"].code_totals)
 
 
 async def test_healthy_canary_walks_every_stage_to_promoted(tmp_path, upstreams):
     async with running(rollout_config(tmp_path, upstreams)) as server, traffic(server):
         await until(lambda: server.controller.state.state == "promoted", timeout=60, what="promotion")
     weights = [t["weight"] for t in server.controller.history() if t["action"] == "promote"]
-    assert weights == [25, 50, 100, 100] or weights == [25, 50, 100]
+    assert weights == [25, 50, 100, 100]  # the last one: 100% baked, state promoted
     assert server.router.snapshot.weight == 100
 
 
 async def test_canary_at_30_percent_errors_is_rolled_back_and_stays_so_after_restart(tmp_path, upstreams):
     upstreams["canary"].app[STATS].fail_ratio = 0.3
-    config = rollout_config(tmp_path, upstreams, extra="", bake="1h")
+    config = rollout_config(tmp_path, upstreams, bake="1h")
     async with running(config) as server, traffic(server, concurrency=16):
-        await server.controller.set_weight(25, reason="test: more canary traffic") if False else None
         await until(lambda: server.controller.state.state == "rolled_back", timeout=60, what="rollback")
         seen = canary_requests(server)
     assert seen <= 400, f"took {seen} canary requests"
@@ -101,9 +100,8 @@ async def test_canary_at_30_percent_errors_is_rolled_back_and_stays_so_after_res
 
 async def test_canary_at_8_percent_errors_triggers_the_warning_action(tmp_path, upstreams):
     upstreams["canary"].app[STATS].fail_ratio = 0.085
-    config = rollout_config(tmp_path, upstreams, bake="1h", extra="")
-    write_config(config, config.read_text().replace("bake: 1h", "bake: 1h, weight: 50").replace(
-        "min_requests: 20}", "min_requests: 20, auto_promote: true}"))
+    config = rollout_config(tmp_path, upstreams, bake="1h")
+    write_config(config, config.read_text().replace("bake: 1h", "bake: 1h, weight: 50"))
     async with running(config) as server, traffic(server, concurrency=16):
         await until(
             lambda: any(t["action"] in ("step_back", "pause") and t["trigger"] == "auto"
@@ -129,7 +127,7 @@ async def test_hanging_canary_is_rolled_back_while_it_hangs(tmp_path, upstreams)
         canary.release.set()
     assert took < 5.0, f"rolled back {took:.1f}s after 20 requests hung"
     rollback = [t for t in server.controller.history() if t["action"] == "rollback"][-1]
-    assert "slow" in rollback["reason"] or "p99" in rollback["reason"] or "latency" in rollback["reason"]
+    assert "latency.p99_critical" in rollback["reason"], rollback["reason"]
 
 
 async def test_shared_outage_is_reported_but_not_rolled_back(tmp_path, upstreams):
@@ -138,7 +136,7 @@ async def test_shared_outage_is_reported_but_not_rolled_back(tmp_path, upstreams
     config = rollout_config(tmp_path, upstreams, bake="1h")
     write_config(config, config.read_text().replace("bake: 1h", "bake: 1h, weight: 50"))
     async with running(config) as server, traffic(server, concurrency=16):
-        await until(lambda: sum(server.recorder.arms["canary"].code_totals) >= 600, timeout=60, what="600 canary requests")
+        await until(lambda: canary_requests(server) >= 600, timeout=60, what="600 canary requests")
         verdict = server.controller.verdict().to_json()
         state = server.controller.state
     assert state.state == "manual" and state.weight == 50
@@ -155,5 +153,5 @@ async def test_corrupt_state_file_is_kept_and_weight_0_served(tmp_path, upstream
         await until(lambda: sum(server.recorder.arms["baseline"].code_totals) >= 50, timeout=20, what="traffic")
         status = server.controller.status()
     assert state_file.read_bytes() == b'{"state": "progre'
-    assert server.router.snapshot.weight == 0 and sum(server.recorder.arms["canary"].code_totals) == 0
+    assert server.router.snapshot.weight == 0 and canary_requests(server) == 0
     assert status["weight"] == 0 and status["store"]["error"]
