@@ -7,6 +7,8 @@ TOKEN` (compared in constant time) and answers the new status. Endpoints: CONTRA
 
 from __future__ import annotations
 
+import asyncio
+
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -111,7 +113,8 @@ async def get_status(request: web.Request) -> web.Response:
 async def get_history(request: web.Request) -> web.Response:
     controller = request.app[ADMIN_SERVER].controller
     assert controller is not None
-    return web.json_response(controller.history())
+    # The whole history file is read: off the event loop, so the proxy keeps serving.
+    return web.json_response(await asyncio.to_thread(controller.history))
 
 
 async def get_series(request: web.Request) -> web.Response:

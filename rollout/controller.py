@@ -22,12 +22,12 @@ from rollout.engine import Decision, Evidence, Policy
 from rollout.evidence import ArmSnapshot, OutcomeRecorder, StageCounts
 from rollout.sprt import AnalysisState
 from rollout.state import RolloutState, Transition, stage_number, to_iso
-from rollout.store import HISTORY_LIMIT, StateStore, Stored
+from rollout.store import RECENT_HISTORY, StateStore, Stored, Write, record_offline_rollback
 from rollout.verdict import Verdict, judge
 
 __all__ = ["RolloutController", "TrafficSplit", "record_offline_rollback"]
 
-STATUS_HISTORY = 50
+STATUS_HISTORY = RECENT_HISTORY  # kept in memory for /status; /history reads the store
 _EMPTY = Evidence(canary=StageCounts(), baseline=StageCounts())
 _UNKNOWN = object()  # a store version that matches nothing
 Command = Callable[..., tuple[RolloutState, Decision | None]]
@@ -87,8 +87,14 @@ class RolloutController:
         return judge(self._analysis, self._evidence, self.policy, self._state.weight)
 
     def history(self) -> list[dict[str, Any]]:
-        """Every stored transition, newest last."""
-        return [transition.to_json() for transition in self._history]
+        """Every stored transition, newest last (read from the store on each call); when
+        the store cannot be read, the newest ones this controller knows."""
+        try:
+            transitions = self._store.history()
+        except StateError as exc:
+            self._log.warning("rollout_history_unreadable", error=str(exc))
+            transitions = self._history
+        return [transition.to_json() for transition in transitions]
 
     def status(self) -> dict[str, Any]:
         """The CONTRACT §6 /status fields this controller owns (the caller adds `config`)."""
@@ -105,7 +111,7 @@ class RolloutController:
             "bake": {"elapsed": round(max(0.0, now - state.stage_started_at), 3), "required": self.policy.bake},
             "arms": {arm: _arm_status(snapshots[arm]) for arm in ARMS},
             "verdict": self.verdict().to_json(),
-            "history": [transition.to_json() for transition in self._history[-STATUS_HISTORY:]],
+            "history": [transition.to_json() for transition in self._history],
             "store": {"revision": state.revision, "error": self.store_error},
             "rollbacks_total": self.rollbacks_total,
         }
@@ -221,12 +227,12 @@ class RolloutController:
         expected = self._state.revision
         wrote = False
 
-        def change(current: Stored | None) -> Stored | None:
+        def change(current: Stored | None) -> Write | None:
             nonlocal wrote
             if (current.state.revision if current else 0) != expected:
                 return None  # written by someone else meanwhile: adopt theirs instead
             wrote = True
-            return Stored(state=state, history=(*(current.history if current else ()), transition))
+            return Write(state=state, transitions=(transition,))
 
         try:
             stored = self._store.update(change)
@@ -238,7 +244,7 @@ class RolloutController:
                 self._adopt(stored, "changed by another writer")
             return False
         assert stored is not None
-        self._version = _UNKNOWN  # re-read next tick: catches a write that raced ours
+        self._version = stored.version  # what we wrote under the lock: any later write differs
         self._apply(stored.state, transition, decision.new_stage, move=move)
         return True
 
@@ -247,7 +253,7 @@ class RolloutController:
     ) -> None:
         moved = state.weight != self._state.weight
         self._state = state
-        self._history = [*self._history, transition][-HISTORY_LIMIT:]
+        self._history = [*self._history, transition][-STATUS_HISTORY:]
         if move and moved:
             self._split.set_weight(state.weight)
         if new_stage:
@@ -285,8 +291,9 @@ class RolloutController:
 
     def _adopt(self, stored: Stored, why: str, *, route: bool = True) -> None:
         before = self._state
-        self._state, self._history = stored.state, list(stored.history)
+        self._state, self._history = stored.state, list(stored.history[-STATUS_HISTORY:])
         self._store_corrupt, self.store_error = False, None
+        self._version = stored.version
         moved = (before.weight, before.stage_started_at) != (stored.state.weight, stored.state.stage_started_at)
         if route and stored.state.state == "rolled_back" and before.state != "rolled_back":
             self.rollbacks_total += 1  # e.g. `canary rollback -c FILE` written beside us
@@ -327,22 +334,16 @@ class RolloutController:
                 self._apply_config(now)
 
     def _resave(self) -> None:
-        """The state file vanished while running: write what we know again."""
-        snapshot = Stored(state=self._state, history=tuple(self._history))
-        wrote = False
-
-        def change(current: Stored | None) -> Stored | None:
-            nonlocal wrote
-            wrote = current is None
-            return snapshot if wrote else None
-
+        """The state file vanished while running: write what we know again (the history
+        is kept apart by the store). Someone else's write instead is adopted next tick."""
+        snapshot = Write(state=self._state)
         try:
-            stored = self._store.update(change)
+            stored = self._store.update(lambda current: snapshot if current is None else None)
         except StateError as exc:
             self.store_error = str(exc)
             return
-        if wrote and stored is not None:
-            self._state = stored.state
+        if stored is not None and stored.state == replace(self._state, revision=stored.state.revision):
+            self._state = stored.state  # ours, with its new revision
         self._version = _UNKNOWN
 
     def _new_stage(self) -> None:
@@ -393,25 +394,3 @@ def _log_fields(transition: Transition) -> dict[str, Any]:
     data.pop("at")
     return data
 
-
-def record_offline_rollback(
-    store: StateStore, *, reason: str, now: float, config_weight: int | None = None
-) -> Stored:
-    """`canary rollback -c FILE` with the proxy down: record it so the next start (or the
-    running proxy, on its next tick) serves weight 0. Raises StateCorrupt/StateError.
-    `config_weight` is the config's `rollout.weight`, so a first start does not take a
-    pinned weight in the file as an operator edit that undoes this rollback."""
-
-    def change(current: Stored | None) -> Stored | None:
-        state = current.state if current else RolloutState(
-            state="progressing", weight=0, stage_started_at=now, config_weight=config_weight
-        )
-        new, decision = engine.rollback(state, Policy(), now, reason=reason or "operator rollback (offline)")
-        if decision is None:
-            return None
-        history = current.history if current else ()
-        return Stored(state=new, history=(*history, decision.transition))
-
-    stored = store.update(change)
-    assert stored is not None
-    return stored

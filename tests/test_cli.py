@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
+
 from tests.admin_support import canary  # noqa: F401 (fixture)
 from tests.admin_support import TOKEN, Traffic, admin_get, control_config, free_port, run_cli, until_status
 from tests.serve_process import write_config
@@ -15,6 +17,10 @@ async def test_status_prints_a_readable_summary_and_json(canary):
     proxy = await canary()
     async with Traffic(proxy.proxy_url) as traffic:
         await traffic.wait_for(60)
+    async with aiohttp.ClientSession() as client:  # the canary sure to have figures (5 < 20: no verdict)
+        for _ in range(5):
+            async with client.get(f"{proxy.proxy_url}/work", headers={"X-Canary": "canary"}) as resp:
+                assert resp.status == 200
     readable = await run_cli("status", "-c", str(proxy.config), "--admin", proxy.admin_url)
     assert readable.code == 0, readable.err
     text = readable.out

@@ -3,7 +3,8 @@ what is saved, what traffic does, and in which order."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from config.errors import StateCorrupt, StateError
 from config.settings import AnalysisSettings, RolloutSettings, Settings, UpstreamSettings, Upstreams
 from rollout.controller import RolloutController, record_offline_rollback
 from rollout.evidence import OutcomeRecorder
-from rollout.store import JsonFileStore, Stored
+from rollout.state import RolloutState, Transition
+from rollout.store import JsonFileStore, Stored, Write
 
 T0 = 1_700_000_000.0
 
@@ -317,3 +319,87 @@ def test_a_state_file_corrupted_while_running_sends_traffic_to_zero_and_is_kept(
     assert (r.controller.weight, r.split.calls[-1][0]) == (0, 0)
     assert "cannot be read" in r.controller.status()["store"]["error"]
     assert (tmp_path / "state.json").read_bytes() == b"oops"
+
+
+def test_history_has_every_transition_past_a_thousand_and_status_the_newest_50(tmp_path: Path) -> None:
+    store = JsonFileStore(tmp_path / "state.json")
+    earlier = tuple(
+        Transition(at=T0 + n, action="set_weight", trigger="operator", from_state="manual", state="manual",
+                   from_weight=40, weight=40, reason=f"earlier {n}", evidence={"n": n})
+        for n in range(1000)
+    )
+    store.save(Write(state=RolloutState(state="manual", weight=40, stage_started_at=T0), transitions=earlier))
+    r = rig(tmp_path)
+    assert r.controller.weight == 40 and len(r.controller.status()["history"]) == 50
+    for n in range(60):
+        r.controller.set_weight(60 if r.controller.weight == 40 else 40, reason=f"flip {n}")
+    history = r.controller.history()
+    assert [h["reason"] for h in history] == [f"earlier {n}" for n in range(1000)] + [f"flip {n}" for n in range(60)]
+    status = r.controller.status()
+    assert status["history"] == history[-50:] and status["store"]["revision"] == 61
+    recent = json.loads(store.path.read_text())["recent"]  # the state file: the newest 50 only
+    assert recent == history[-50:] and store.path.stat().st_size < 128 * 1024
+    restarted = rig(tmp_path)
+    assert restarted.controller.status()["history"] == history[-50:] and restarted.controller.history() == history
+
+
+def test_a_commit_is_not_read_back_but_a_write_right_after_it_is_adopted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = rig(tmp_path)
+    store = JsonFileStore(tmp_path / "state.json")  # the split reads r.store: not counted
+    loads: list[int] = []
+    monkeypatch.setattr(store, "load", lambda: loads.append(1) or JsonFileStore.load(store))
+    r.controller._store = store
+    r.controller.promote()
+    r.tick()
+    r.tick()
+    assert not loads  # what the controller wrote itself is not read again
+    record_offline_rollback(JsonFileStore(tmp_path / "state.json"), reason="right after", now=T0 + 2)
+    r.tick()
+    assert len(loads) == 1 and (r.controller.state.state, r.controller.weight) == ("rolled_back", 0)
+    assert [h["action"] for h in r.controller.history()] == ["start", "promote", "rollback"]
+
+
+def test_an_unreadable_history_falls_back_to_the_newest_transitions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = rig(tmp_path)
+    r.controller.pause(reason="look")
+
+    def unreadable() -> list[Transition]:
+        raise StateError("state.history.jsonl: cannot read the rollout history: permission denied")
+
+    monkeypatch.setattr(r.store, "history", unreadable)
+    with capture_logs() as logs:
+        history = r.controller.history()
+    assert [h["action"] for h in history] == ["start", "pause"]
+    assert any(e["event"] == "rollout_history_unreadable" for e in logs)
+
+
+def test_a_state_file_of_the_older_layout_is_adopted_and_migrated(tmp_path: Path) -> None:
+    old = rig(tmp_path)
+    old.controller.pause(reason="old layout")
+    path = tmp_path / "state.json"
+    data = json.loads(path.read_text())
+    data["history"] = data.pop("recent") * 30  # 60 transitions inside, as the store kept them before
+    path.write_text(json.dumps(data))
+    (tmp_path / "state.history.jsonl").unlink()
+    r = rig(tmp_path)
+    assert (r.controller.state.state, len(r.controller.status()["history"]), len(r.controller.history())) == (
+        "paused", 50, 60)
+    r.controller.resume(reason="new layout")
+    assert len(r.controller.history()) == 61 and r.controller.history()[-1]["reason"] == "new layout"
+    assert "history" not in json.loads(path.read_text())
+
+
+def test_a_state_file_removed_while_running_is_written_again_and_the_history_kept(tmp_path: Path) -> None:
+    r = rig(tmp_path)
+    r.controller.promote(reason="on")
+    (tmp_path / "state.json").unlink()
+    r.tick()
+    stored = r.store.load()
+    assert stored is not None and (stored.state.weight, stored.state.revision) == (25, 3)
+    assert [h["action"] for h in r.controller.history()] == ["start", "promote"]
+    r.controller.pause(reason="after")
+    assert [h["action"] for h in r.controller.history()] == ["start", "promote", "pause"]
