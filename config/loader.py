@@ -108,7 +108,10 @@ def _compose(text: str, filename: str) -> tuple[yaml.SafeLoader, MappingNode]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         detail = "; ".join(part for part in (exc.context, exc.problem) if part)
-        raise fail(mark.line + 1 if mark else 1, f"invalid YAML: {detail}") from None
+        line = mark.line + 1 if mark else 1
+        if "${" in "".join(text.splitlines()[line - 1 : line]):
+            detail += ' (inside {...} or [...] quote a ${VAR} value: warning: "${W}")'
+        raise fail(line, f"invalid YAML: {detail}") from None
     except yaml.reader.ReaderError as exc:
         line = text[: exc.position].count("\n") + 1
         code = exc.character if isinstance(exc.character, int) else ord(exc.character)

@@ -649,3 +649,17 @@ def test_config_imports_neither_proxy_nor_rollout() -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_an_unquoted_variable_in_a_flow_mapping_gets_a_hint(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        'upstreams:\n  baseline: {url: "http://a:1"}\n  canary: {url: "http://a:2"}\n'
+        "analysis:\n  errors: {warning: ${W}}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={"W": "0.05"})
+    assert str(caught.value).startswith(f"{path}:5: ")
+    assert 'quote a ${VAR} value' in str(caught.value)
+    path.write_text(path.read_text().replace("${W}", '"${W}"'))
+    assert load_settings(path, env={"W": "0.05"}).analysis.errors.warning == 0.05
