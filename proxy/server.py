@@ -134,14 +134,21 @@ class CanaryServer:
         return runner.addresses[0][1]
 
     async def stop(self, *, quiet: bool = False) -> None:
-        """Stop accepting, let in-flight requests finish (up to drain_timeout), close."""
+        """Stop accepting, let in-flight requests finish (up to drain_timeout), close.
+        Every step runs even if an earlier one failed: a shutdown always finishes."""
         if not quiet:
             log.info("draining", timeout=self.settings.drain_timeout)
         for runner in self._runners:
-            await runner.cleanup()
+            try:
+                await runner.cleanup()
+            except Exception:
+                log.exception("shutdown_step_failed", step="listener")
         self._runners.clear()
         if self.upstreams is not None:  # the proxy has drained: no request uses them now
-            await self.upstreams.close()
+            try:
+                await self.upstreams.close()
+            except Exception:
+                log.exception("shutdown_step_failed", step="upstream clients")
             self.upstreams = None
         if not quiet:
             log.info("stopped")
