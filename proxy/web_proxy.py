@@ -105,7 +105,10 @@ async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamR
             recorder.abandon(request_id)
             return web.Response(status=499, reason="Client Closed Request")  # never delivered
         recorder.finish(request_id, exc.status, clock(), proxy_error=True)
-        log.warning("upstream_failed", arm=arm, kind=exc.kind, status=exc.status, detail=str(exc))
+        log.warning(
+            "upstream_failed", arm=arm, kind=exc.kind, status=exc.status, detail=str(exc),
+            method=request.method, path=request.path,  # no query string: it may carry secrets
+        )
         return _error_response(exc, arm, router.snapshot.arm_header)
     except BaseException:
         recorder.abandon(request_id)
@@ -138,7 +141,10 @@ async def _stream_back(
         await response.write_eof()
     except UpstreamError as exc:
         recorder.finish(request_id, exc.status, clock(), proxy_error=True)
-        log.warning("upstream_broke_mid_response", arm=recorder.arm, kind=exc.kind, detail=str(exc))
+        log.warning(
+            "upstream_broke_mid_response", arm=recorder.arm, kind=exc.kind, detail=str(exc),
+            method=request.method, path=request.path,
+        )
         _abort(request)  # the client must see a truncated response, not a complete one
     except (ConnectionError, asyncio.CancelledError) as exc:
         recorder.abandon(request_id)  # the client went away: not the upstream's fault

@@ -35,7 +35,9 @@ async def test_failures_are_logged_without_request_secrets(proxy_factory, unused
         async with client.get(server.make_url(f"/v1/chat?api_key={SECRET}"), headers=headers) as resp:
             assert resp.status == 502
     lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
-    assert any(line["event"] == "upstream_failed" for line in lines)
+    failed = [line for line in lines if line["event"] == "upstream_failed"]
+    assert failed and failed[0]["arm"] == "canary" and failed[0]["path"] == "/v1/chat"
+    assert failed[0]["method"] == "GET" and failed[0]["status"] == 502
     assert SECRET not in stream.getvalue()
 
 
