@@ -16,6 +16,7 @@ import httptools
 from multidict import CIMultiDict
 
 from config.errors import UpstreamConnectError, UpstreamTimeout
+from proxy.client_transport import describe
 
 if TYPE_CHECKING:
     from proxy.client_http1 import Http1Transport
@@ -194,7 +195,7 @@ class Connection(asyncio.Protocol):
                 exchange.on_complete()  # the body was delimited by the close
             else:
                 arm = self.owner.arm
-                detail = "closed the connection" if exc is None else f"broke the connection: {exc!r}"
+                detail = "closed the connection" if exc is None else f"broke the connection: {describe(exc)}"
                 exchange.fail(UpstreamConnectError(arm, f"{arm}: upstream {detail}"))
         self._wake_drain()
 

@@ -89,12 +89,19 @@ class HttpxTransport:
             content=body,
             extensions={"timeout": self._timeouts},
         )
+        self.in_use += 1  # from now on a reload must not close this client under us
+        try:
+            return await self._exchange(request, deadline)
+        except BaseException:
+            self.in_use -= 1
+            raise
+
+    async def _exchange(self, request: httpx.Request, deadline: float) -> UpstreamResponse:
         attempt = 0
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
                     response = await self._transport.handle_async_request(request)
-                self.in_use += 1
                 return _HttpxResponse(self, response, deadline)
             except _CONNECT_FAILURES as exc:
                 if attempt >= self._retries.attempts:
@@ -117,5 +124,5 @@ def _translate(arm: str, exc: BaseException) -> UpstreamError:
     if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
         return UpstreamTimeout(arm, f"{arm}: upstream timed out ({exc.__class__.__name__})")
     if isinstance(exc, httpx.ConnectError):
-        return UpstreamConnectError(arm, f"{arm}: cannot connect to upstream: {exc}")
-    return UpstreamConnectError(arm, f"{arm}: upstream connection failed: {exc!r}")
+        return UpstreamConnectError(arm, f"{arm}: cannot connect to upstream ({exc.__class__.__name__})")
+    return UpstreamConnectError(arm, f"{arm}: upstream connection failed ({exc.__class__.__name__})")

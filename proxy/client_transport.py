@@ -21,7 +21,9 @@ from yarl import URL
 from config.errors import PoolExhausted, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from config.settings import UpstreamSettings
 
-__all__ = ["HTTP1_CLIENTS", "AiohttpTransport", "PoolGate", "Transport", "UpstreamResponse", "make_transport"]
+__all__ = [
+    "HTTP1_CLIENTS", "AiohttpTransport", "PoolGate", "Transport", "UpstreamResponse", "describe", "make_transport",
+]
 
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
@@ -127,7 +129,7 @@ class _AiohttpResponse:
         except asyncio.TimeoutError:
             raise UpstreamTimeout(self._arm, f"{self._arm}: upstream timed out while sending the body") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(self._arm, f"{self._arm}: upstream broke off the body: {exc!r}") from None
+            raise UpstreamConnectError(self._arm, f"{self._arm}: upstream broke off the body: {describe(exc)}") from None
 
     def complete_body(self) -> bytes | None:
         content = self._response.content
@@ -201,12 +203,27 @@ class AiohttpTransport:
         await self._session.close()
 
 
+def describe(exc: BaseException) -> str:
+    """What went wrong, for the log, without the request: client errors' reprs carry the
+    URL (query string) and every request header, Authorization and Cookie included."""
+    name = exc.__class__.__name__
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{name}: {exc.status} {exc.message}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"{name}: {exc.os_error.strerror or exc.os_error.__class__.__name__}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{name}: {exc.strerror}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{name}: the upstream closed the connection"
+    return name
+
+
 def _translate(arm: str, exc: BaseException) -> UpstreamError:
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamTimeout(arm, f"{arm}: upstream timed out ({exc.__class__.__name__})")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamConnectError(arm, f"{arm}: cannot connect to upstream: {exc.os_error or exc}")
-    return UpstreamConnectError(arm, f"{arm}: upstream connection failed: {exc!r}")
+        return UpstreamConnectError(arm, f"{arm}: cannot connect to upstream: {describe(exc)}")
+    return UpstreamConnectError(arm, f"{arm}: upstream connection failed: {describe(exc)}")
 
 
 HTTP1_CLIENTS = ("aiohttp", "lean")

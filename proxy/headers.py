@@ -21,7 +21,8 @@ HOP_BY_HOP = frozenset(
 )
 # Set by the transport for the upstream, never copied from the client. Content-Length is
 # kept (a legacy upstream may not take chunked bodies) unless the client sent chunked.
-_REQUEST_DROP = HOP_BY_HOP | {"host"}
+# Expect is answered by the proxy itself (100 Continue), so it never goes upstream.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "expect"}
 
 
 def _drop_hop_by_hop(out: CIMultiDict[str], drop: frozenset[str]) -> CIMultiDict[str]:

@@ -20,9 +20,12 @@ _SECRET_KEYS = re.compile(r"(authorization|cookie|token|api[-_]?key|secret|passw
 _TEXT_PATTERNS = (
     # Bearer / Basic credentials anywhere in a string (also inside bytes reprs)
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),
-    # "Authorization: xyz", "Cookie: a=b; c=d", "X-Api-Key: xyz" as header text
-    (re.compile(r"(?i)\b((?:proxy-)?authorization|cookie|set-cookie|x-api-key|api-key)(\s*[:=]\s*)[^\r\n'\"\\]+"),
+    # "Authorization: xyz", "Cookie: a=b; c=d", "X-Api-Key: xyz" as header text, also
+    # in a repr's quoted form ('Cookie': 'a=b')
+    (re.compile(r"(?i)\b((?:proxy-)?authorization|cookie|set-cookie|x-api-key|api-key)(['\"]?\s*[:=]\s*['\"]?)[^\r\n'\"\\]+"),
      r"\1\2" + REDACTED),
+    # credentials in URLs: http://user:password@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+:[^/@\s'\"]*@"), r"\1" + REDACTED + "@"),
     # query parameters that carry secrets: ?api_key=..., &token=..., &sig=...
     (re.compile(r"(?i)([?&;][^=&\s]*(?:key|token|secret|password|passwd|sig|signature|auth)[^=&\s]*=)[^&\s'\"\\]+"),
      r"\1" + REDACTED),

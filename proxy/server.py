@@ -215,9 +215,11 @@ class CanaryServer:
             self.reload()
 
     def reload(self) -> bool:
-        """Re-read the config file; a bad one is reported and the last good one kept."""
+        """Re-read the config file; a bad one is reported and the last good one kept.
+        Before the rollout state is loaded (a SIGHUP during start-up) there is nothing to
+        apply it to: the file is read at start anyway."""
         path = self.settings.source
-        if path is None:
+        if path is None or not self._started.is_set():
             return False
         try:
             fresh = load_settings(path)

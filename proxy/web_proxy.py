@@ -21,7 +21,7 @@ import structlog
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
-from config.errors import UpstreamError
+from config.errors import UpstreamError, UpstreamTimeout
 from config.settings import ArmName
 from proxy.client_transport import Transport, UpstreamResponse
 from proxy.headers import client_response_headers, upstream_request_headers
@@ -104,6 +104,9 @@ async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamR
         if _client_gone(request):  # its upload broke off: not the upstream's fault
             recorder.abandon(request_id)
             return web.Response(status=499, reason="Client Closed Request")  # never delivered
+        if isinstance(exc, UpstreamTimeout) and body is not None and _client_stalled(request):
+            recorder.abandon(request_id)  # the upstream was waiting for the client's body
+            return web.json_response({"error": "the request body did not arrive in time", "arm": arm}, status=408)
         recorder.finish(request_id, exc.status, clock(), proxy_error=True)
         log.warning(
             "upstream_failed", arm=arm, kind=exc.kind, status=exc.status, detail=str(exc),
@@ -133,8 +136,8 @@ async def _stream_back(
     recorder: ArmRecorder, request_id: int, clock: Callable[[], float],
 ) -> web.StreamResponse:
     """Stream the body chunk by chunk as it arrives (SSE events reach the client at once)."""
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     try:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         async for chunk in upstream.iter_body():
             await response.write(chunk)
@@ -150,6 +153,12 @@ async def _stream_back(
         recorder.abandon(request_id)  # the client went away: not the upstream's fault
         if isinstance(exc, asyncio.CancelledError):
             raise
+    except Exception as exc:  # e.g. a header value aiohttp refuses to send (control chars)
+        recorder.finish(request_id, 502, clock(), proxy_error=True)
+        log.warning("upstream_response_unforwardable", arm=recorder.arm, error=exc.__class__.__name__,
+                    method=request.method, path=request.path)
+        _abort(request)
+        return web.StreamResponse(status=502)  # never delivered: the connection is closed
     else:
         recorder.finish(request_id, upstream.status, clock())
     return response
@@ -167,6 +176,13 @@ async def _expect_continue(request: web.BaseRequest) -> None:
 def _client_gone(request: web.BaseRequest) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing() or request.content.exception() is not None
+
+
+def _client_stalled(request: web.BaseRequest) -> bool:
+    """The body is unfinished and nothing of it is waiting to be sent: the proxy (and so
+    the upstream) was waiting for the client, not the other way round."""
+    content = request.content
+    return not content.is_eof() and getattr(content, "_size", 0) == 0  # aiohttp keeps no public size
 
 
 def _abort(request: web.BaseRequest) -> None:

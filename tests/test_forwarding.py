@@ -290,3 +290,25 @@ async def test_expect_100_continue_is_answered_and_a_bad_expect_refused(proxy_fa
             assert resp.status == 417
     assert state.recorder.arms["canary"].inflight == 0  # the refused one was never counted
     assert state.recorder.arms["canary"].stage_counts().requests == 1
+
+
+async def test_a_client_stalling_its_upload_is_not_an_upstream_timeout(proxy_factory, upstreams):
+    slow = upstream_settings("canary", upstreams["canary"], timeout=TimeoutSettings(connect=1, total=0.3))
+    server, state = await proxy_factory(weight=100, canary=slow)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhello")  # then nothing
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
+    counts = state.recorder.arms["canary"].stage_counts()
+    assert (counts.requests, counts.errors) == (0, 0)
+
+
+async def test_expect_is_answered_by_the_proxy_and_not_forwarded(proxy_factory):
+    server, _ = await proxy_factory(weight=0)
+    async with aiohttp.ClientSession() as client:
+        async with client.post(server.make_url("/echo"), data=b"x" * 10, expect100=True) as resp:
+            echo = await resp.json()
+    assert resp.status == 200 and echo["body_len"] == 10
+    assert "expect" not in {k.lower() for k in echo["headers"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import json
@@ -63,3 +64,25 @@ def test_aiohttp_stdlib_records_are_json_and_scrubbed(log_stream):
     assert line["event"] == "Error handling request" and line["level"] == "error"
     assert "ValueError" in line["exception"]
     assert SECRET not in stream.getvalue() and "AIzaSecret99" not in stream.getvalue()
+
+
+async def test_a_malformed_upstream_answer_logs_no_request_headers(proxy_factory, log_stream):
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"NOT-HTTP garbage\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        server, _ = await proxy_factory(weight=100, canary=upstream_settings("canary", f"http://127.0.0.1:{port}"))
+        headers = {"Authorization": "Token plain-secret-1", "Cookie": "session=plain-secret-2"}
+        async with aiohttp.ClientSession() as client:
+            async with client.get(server.make_url("/v1/x?code=plain-secret-3"), headers=headers) as resp:
+                assert resp.status == 502
+    finally:
+        listener.close()
+    text = log_stream.getvalue()
+    assert "upstream_failed" in text
+    assert "plain-secret" not in text
