@@ -124,6 +124,9 @@ def _kind(node: Node) -> str:
     return "list" if isinstance(node, SequenceNode) else "mapping"
 
 
+_SECRET_KEYS = frozenset({"token"})  # keys whose bad values never reach messages or logs
+
+
 class Reader:
     """Turns nodes into values for one file and collects every problem found."""
 
@@ -134,6 +137,8 @@ class Reader:
         self.problems: list[Problem] = []
 
     def problem(self, line: int, key: str, message: str) -> None:
+        if key.rsplit(".", 1)[-1] in _SECRET_KEYS and ", got " in message:
+            message = message.split(", got ", 1)[0] + ", got a value that is not shown (a secret)"
         self.problems.append(Problem(file=self.filename, line=line, key=key, message=message))
 
     def scalar(self, node: Node, key: str) -> Scalar | None:

@@ -663,3 +663,11 @@ def test_an_unquoted_variable_in_a_flow_mapping_gets_a_hint(tmp_path):
     assert 'quote a ${VAR} value' in str(caught.value)
     path.write_text(path.read_text().replace("${W}", '"${W}"'))
     assert load_settings(path, env={"W": "0.05"}).analysis.errors.warning == 0.05
+
+
+def test_a_bad_admin_token_value_is_never_echoed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text('admin: {token: 123456789}\nupstreams:\n  baseline: {url: "http://a:1"}\n  canary: {url: "http://a:2"}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    assert "admin.token: expected a string" in str(caught.value) and "123456789" not in str(caught.value)
