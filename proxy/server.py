@@ -221,6 +221,9 @@ class CanaryServer:
         path = self.settings.source
         if path is None or not self._started.is_set():
             return False
+        if self._watcher is not None:  # this read covers the edit the poll may also have seen
+            self._watcher.mark_seen()
+            self._pending_since = None
         try:
             fresh = load_settings(path)
         except ConfigError as exc:
