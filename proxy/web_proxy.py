@@ -122,10 +122,6 @@ async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamR
     if arm_header:
         response_headers[arm_header] = arm
     try:
-        whole = upstream.complete_body()
-        if whole is not None:  # it all came with the headers: one write, head and body
-            recorder.finish(request_id, upstream.status, clock())
-            return web.Response(status=upstream.status, reason=upstream.reason, headers=response_headers, body=whole)
         return await _stream_back(request, upstream, response_headers, recorder, request_id, clock)
     finally:
         await upstream.aclose()
@@ -135,13 +131,22 @@ async def _stream_back(
     request: web.BaseRequest, upstream: UpstreamResponse, headers: CIMultiDict[str],
     recorder: ArmRecorder, request_id: int, clock: Callable[[], float],
 ) -> web.StreamResponse:
-    """Stream the body chunk by chunk as it arrives (SSE events reach the client at once)."""
+    """Stream the body chunk by chunk as it arrives (SSE events reach the client at once);
+    a body that came whole with the headers goes out in one write, head and body."""
     try:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        await response.prepare(request)
-        async for chunk in upstream.iter_body():
-            await response.write(chunk)
-        await response.write_eof()
+        whole = upstream.complete_body()
+        if whole is not None:
+            response: web.StreamResponse = web.Response(
+                status=upstream.status, reason=upstream.reason, headers=headers, body=whole
+            )
+            await response.prepare(request)
+            await response.write_eof()
+        else:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            await response.prepare(request)
+            async for chunk in upstream.iter_body():
+                await response.write(chunk)
+            await response.write_eof()
     except UpstreamError as exc:
         recorder.finish(request_id, exc.status, clock(), proxy_error=True)
         log.warning(

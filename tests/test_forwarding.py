@@ -312,3 +312,30 @@ async def test_expect_is_answered_by_the_proxy_and_not_forwarded(proxy_factory):
             echo = await resp.json()
     assert resp.status == 200 and echo["body_len"] == 10
     assert "expect" not in {k.lower() for k in echo["headers"]}
+
+
+async def test_a_response_header_that_cannot_be_forwarded_counts_as_a_proxy_error(proxy_factory):
+    async def bad_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(bad_header, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        server, state = await proxy_factory(weight=100, canary=upstream_settings("canary", f"http://127.0.0.1:{port}"))
+        async with aiohttp.ClientSession() as client:
+            try:
+                async with client.get(server.make_url("/x")) as resp:
+                    status = resp.status
+                    await resp.read()
+            except aiohttp.ClientError:
+                status = None  # the proxy closed the connection: nothing half-valid was sent
+        await until(lambda: state.recorder.arms["canary"].inflight == 0, what="the request recorded")
+    finally:
+        listener.close()
+    assert status in (None, 502)
+    counts = state.recorder.arms["canary"].stage_counts()
+    # aiohttp's client may retry the GET once after the closed connection: each try is an error
+    assert counts.requests >= 1 and counts.errors == counts.requests
