@@ -198,23 +198,26 @@ def _rollout(section: Section) -> RolloutSettings:
 
 
 def _stages(section: Section) -> tuple[int, ...] | None:
-    items = section.items("stages", integer(1, 100), expected="percentages such as [5, 25, 50, 100]")
+    """Stages: every problem at once (range, order, the last one 100)."""
+    items = section.items("stages", integer(), expected="percentages such as [5, 25, 50, 100]")
     if items is None:
         return None
     if not items:
         section.problem("stages", "must list at least one stage, the last one 100")
         return None
-    valid = True
-    for previous, item in zip(items, items[1:]):
+    problems = len(section.reader.problems)
+    in_range = [item for item in items if 1 <= item.value <= 100]
+    for item in items:
+        if item not in in_range:
+            section.reader.problem(item.line, item.key, f"must be between 1 and 100, got {item.value}")
+    for previous, item in zip(in_range, in_range[1:]):
         if item.value <= previous.value:
             message = f"stages must increase strictly, got {item.value} after {previous.value}"
             section.reader.problem(item.line, item.key, message)
-            valid = False
     last = items[-1]
-    if last.value != 100:
+    if last.value != 100 and last in in_range:
         section.reader.problem(last.line, last.key, f"the last stage must be 100, got {last.value}")
-        valid = False
-    return tuple(item.value for item in items) if valid else None
+    return tuple(item.value for item in items) if len(section.reader.problems) == problems else None
 
 
 def _analysis(section: Section) -> AnalysisSettings:

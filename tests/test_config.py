@@ -671,3 +671,15 @@ def test_a_bad_admin_token_value_is_never_echoed(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_settings(path, env={})
     assert "admin.token: expected a string" in str(caught.value) and "123456789" not in str(caught.value)
+
+
+def test_every_stage_problem_is_reported_at_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text('upstreams:\n  baseline: {url: "http://a:1"}\n  canary: {url: "http://a:2"}\n'
+                    "rollout:\n  stages: [50, 25, 101]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    assert [str(p).split(": ", 1)[1] for p in caught.value.problems] == [
+        "rollout.stages[2]: must be between 1 and 100, got 101",
+        "rollout.stages[1]: stages must increase strictly, got 25 after 50",
+    ]
