@@ -7,7 +7,7 @@ from datetime import datetime
 
 import aiohttp
 
-from tests.admin_support import TOKEN, Traffic, admin_get, admin_post, canary  # noqa: F401 (fixture)
+from tests.admin_support import TOKEN, Traffic, admin_get, admin_post
 from tests.admin_support import control_config
 
 POSTS = ("/promote", "/pause", "/resume", "/rollback", "/reset", "/weight")

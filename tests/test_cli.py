@@ -8,7 +8,6 @@ import json
 
 import aiohttp
 
-from tests.admin_support import canary  # noqa: F401 (fixture)
 from tests.admin_support import TOKEN, Traffic, admin_get, control_config, free_port, run_cli, until_status
 from tests.serve_process import write_config
 

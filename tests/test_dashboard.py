@@ -10,7 +10,6 @@ from pathlib import Path
 import aiohttp
 from playwright.async_api import Page, async_playwright, expect
 
-from tests.admin_support import canary  # noqa: F401 (fixture)
 from tests.admin_support import TOKEN, admin_get, admin_post, until_status
 
 CHROMIUM = Path("/usr/bin/chromium")

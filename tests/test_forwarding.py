@@ -11,7 +11,7 @@ import aiohttp
 from config.settings import PoolSettings, RoutingSettings, StickyKey, TimeoutSettings
 from tests.conftest import upstream_settings
 from tests.polling import until
-from tests.upstreams import GZIP_BODY, STATS, break_off_uploads
+from tests.upstreams import GZIP_BODY, STATS, break_off_uploads, raw_upstream
 
 
 async def test_method_path_query_and_body_reach_the_chosen_upstream(proxy_factory):
@@ -315,16 +315,8 @@ async def test_expect_is_answered_by_the_proxy_and_not_forwarded(proxy_factory):
 
 
 async def test_a_response_header_that_cannot_be_forwarded_counts_as_a_proxy_error(proxy_factory):
-    async def bad_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        writer.close()
-
-    listener = await asyncio.start_server(bad_header, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    try:
-        server, state = await proxy_factory(weight=100, canary=upstream_settings("canary", f"http://127.0.0.1:{port}"))
+    async with raw_upstream(b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok") as url:
+        server, state = await proxy_factory(weight=100, canary=upstream_settings("canary", url))
         async with aiohttp.ClientSession() as client:
             try:
                 async with client.get(server.make_url("/x")) as resp:
@@ -333,8 +325,6 @@ async def test_a_response_header_that_cannot_be_forwarded_counts_as_a_proxy_erro
             except aiohttp.ClientError:
                 status = None  # the proxy closed the connection: nothing half-valid was sent
         await until(lambda: state.recorder.arms["canary"].inflight == 0, what="the request recorded")
-    finally:
-        listener.close()
     assert status in (None, 502)
     counts = state.recorder.arms["canary"].stage_counts()
     # aiohttp's client may retry the GET once after the closed connection: each try is an error

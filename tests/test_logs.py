@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 import json
@@ -13,6 +12,7 @@ import structlog
 
 from proxy.logs import configure_logging
 from tests.conftest import upstream_settings
+from tests.upstreams import raw_upstream
 
 SECRET = "sk-live-0123456789abcdef"
 
@@ -67,22 +67,12 @@ def test_aiohttp_stdlib_records_are_json_and_scrubbed(log_stream):
 
 
 async def test_a_malformed_upstream_answer_logs_no_request_headers(proxy_factory, log_stream):
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"NOT-HTTP garbage\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    listener = await asyncio.start_server(garbage, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    try:
-        server, _ = await proxy_factory(weight=100, canary=upstream_settings("canary", f"http://127.0.0.1:{port}"))
+    async with raw_upstream(b"NOT-HTTP garbage\r\n\r\n") as url:
+        server, _ = await proxy_factory(weight=100, canary=upstream_settings("canary", url))
         headers = {"Authorization": "Token plain-secret-1", "Cookie": "session=plain-secret-2"}
         async with aiohttp.ClientSession() as client:
             async with client.get(server.make_url("/v1/x?code=plain-secret-3"), headers=headers) as resp:
                 assert resp.status == 502
-    finally:
-        listener.close()
     text = log_stream.getvalue()
     assert "upstream_failed" in text
     assert "plain-secret" not in text

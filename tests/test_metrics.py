@@ -9,7 +9,6 @@ from collections import Counter
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.admin_support import canary  # noqa: F401 (fixture)
 from tests.admin_support import admin_post, edit, until_status
 from tests.upstreams import STATS
 

@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 
-from tests.admin_support import canary  # noqa: F401 (fixture)
 from tests.admin_support import Traffic, admin_get, admin_post, edit, run_cli, stays, until_status, upstream_url
 from tests.serve_process import write_config
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
-import pytest
 
 from config.loader import load_settings
 from proxy.server import CanaryServer

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
-import json
+
+from typing import AsyncIterator
 
 from aiohttp import web
 
-__all__ = ["STATS", "UpstreamStats", "break_off_uploads", "make_upstream_app", "GZIP_BODY"]
+__all__ = ["STATS", "UpstreamStats", "break_off_uploads", "make_upstream_app", "raw_upstream", "GZIP_BODY"]
 
 
 class UpstreamStats:
@@ -155,3 +157,21 @@ async def break_off_uploads(port: int, stats: UpstreamStats, *, count: int = 3, 
         writer.close()
         if settle is not None:
             await settle()
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(answer: bytes) -> AsyncIterator[str]:
+    """An upstream that answers every request with exactly `answer` bytes (malformed HTTP,
+    forbidden header characters...) and closes; yields its base URL."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(reply, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    finally:
+        listener.close()
