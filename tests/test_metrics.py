@@ -109,3 +109,14 @@ async def test_metrics_follow_inflight_rollbacks_and_reloads(canary, upstreams):
     assert value(samples, "canary_rollout_state", state="rolled_back") == 1
     assert value(samples, "canary_config_reloads_total", result="ok") == 1
     assert value(samples, "canary_config_reloads_total", result="rejected") == 1
+
+
+async def test_config_reloads_are_counted_by_result(canary):
+    proxy = await canary(weight=10)
+    edit(proxy.config, "weight: 10", "weight: 150")  # rejected
+    await until_status(proxy, lambda s: s["config"]["error"] is not None, timeout=3)
+    edit(proxy.config, "weight: 150", "weight: 20")  # accepted
+    await until_status(proxy, lambda s: s["weight"] == 20, timeout=3)
+    samples, _ = await scrape(proxy.admin_url)
+    assert value(samples, "canary_config_reloads_total", result="rejected") == 1
+    assert value(samples, "canary_config_reloads_total", result="ok") == 1
