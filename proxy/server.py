@@ -83,7 +83,7 @@ class CanaryServer:
     async def start(self) -> None:
         """Bind both listeners (traffic goes to the baseline until the rollout state is
         loaded), then load the state and start the tick. A failed bind leaves nothing
-        behind: no client sessions, no new token, no state written."""
+        behind but the token file (reused next time): no client sessions, no state written."""
         loop = asyncio.get_running_loop()
         self._ensure_token()
         self.upstreams = UpstreamClients(self.settings.upstreams)
