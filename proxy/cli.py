@@ -82,7 +82,7 @@ def _serve(path: str) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     from proxy.logs import configure_logging
-    from proxy.server import CanaryServer
+    from proxy.front.server import CanaryServer
 
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
     _install_uvloop()

@@ -136,7 +136,7 @@ def _find_token(settings: Settings | None, environ: Mapping[str, str]) -> tuple[
         return None, "no token: set CANARY_ADMIN_TOKEN or pass -c FILE"
     if settings.admin.token:
         return settings.admin.token, f"admin.token in {settings.source}"
-    from proxy.server import token_path
+    from proxy.front.server import token_path
 
     path = token_path(settings)
     try:

@@ -30,7 +30,7 @@ from proxy.demo_report import PROGRESS_LEGEND, DemoOutcome, is_finished, progres
 from proxy.demo_traffic import TrafficGenerator, TrafficPlan
 from proxy.demo_upstream import UpstreamProfile, make_demo_upstream
 from proxy.logs import configure_logging
-from proxy.server import CanaryServer
+from proxy.front.server import CanaryServer
 
 __all__ = ["run_demo", "upstream_profiles", "write_config"]
 

@@ -24,7 +24,7 @@ from proxy.metrics import MetricsSource, make_registry, render
 from rollout.state import to_iso
 
 if TYPE_CHECKING:
-    from proxy.server import CanaryServer
+    from proxy.front.server import CanaryServer
 
 __all__ = ["ADMIN_SERVER", "COMMANDS", "make_admin_app", "status_document"]
 

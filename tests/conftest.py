@@ -17,8 +17,8 @@ from config.settings import (
     UpstreamSettings,
 )
 from proxy.client_transport import HTTP1_CLIENTS, make_transport
-from proxy.routing import Router, RoutingSnapshot
-from proxy.web_proxy import PROXY_SERVER_OPTIONS, ProxyState, make_proxy_handler
+from proxy.front.routing import Router, RoutingSnapshot
+from proxy.front.forward import PROXY_SERVER_OPTIONS, ProxyState, make_proxy_handler
 from rollout.evidence import OutcomeRecorder
 from tests.admin_support import canary  # noqa: F401 (fixture: a real `canary serve`)
 from tests.upstreams import make_upstream_app

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import aiohttp
 
 from config.loader import load_settings
-from proxy.server import CanaryServer
+from proxy.front.server import CanaryServer
 from tests.polling import until
 from tests.admin_support import upstream_url
 from tests.serve_process import write_config

@@ -24,9 +24,9 @@ from config.errors import ConfigError
 from config.loader import load_settings
 from config.settings import Settings
 from config.watch import ConfigWatcher
-from proxy.routing import Router, RoutingSnapshot
+from proxy.front.routing import Router, RoutingSnapshot
 from proxy.upstream_pool import UpstreamClients
-from proxy.web_proxy import ProxyState, make_proxy_server
+from proxy.front.forward import ProxyState, make_proxy_server
 from rollout.controller import RolloutController
 from rollout.evidence import OutcomeRecorder
 from rollout.store import JsonFileStore

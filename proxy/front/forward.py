@@ -24,8 +24,8 @@ from multidict import CIMultiDict
 from config.errors import UpstreamError, UpstreamTimeout
 from config.settings import ArmName
 from proxy.client_transport import Transport, UpstreamResponse
-from proxy.headers import client_response_headers, upstream_request_headers
-from proxy.routing import Router
+from proxy.front.headers import client_response_headers, upstream_request_headers
+from proxy.front.routing import Router
 from rollout.evidence import ArmRecorder, OutcomeRecorder
 
 __all__ = ["PROXY_SERVER_OPTIONS", "ProxyHandler", "ProxyState", "forward", "make_proxy_handler", "make_proxy_server"]
