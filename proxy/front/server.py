@@ -25,7 +25,7 @@ from config.loader import load_settings
 from config.settings import Settings
 from config.watch import ConfigWatcher
 from proxy.front.routing import Router, RoutingSnapshot
-from proxy.upstream_pool import UpstreamClients
+from proxy.upstream.pool import UpstreamClients
 from proxy.front.forward import ProxyState, make_proxy_server
 from rollout.controller import RolloutController
 from rollout.evidence import OutcomeRecorder

@@ -4,7 +4,7 @@
 every failure comes out as a `config.errors.UpstreamError` subclass (translated in the
 transport, nowhere else). Two implementations: `AiohttpTransport` for HTTP/1.1
 upstreams (the default: ~12x faster than httpx as a proxy's client) and
-`proxy.client_httpx.HttpxTransport` for `http2: true` upstreams.
+`proxy.upstream.http2.HttpxTransport` for `http2: true` upstreams.
 """
 
 from __future__ import annotations
@@ -231,17 +231,17 @@ HTTP1_CLIENTS = ("aiohttp", "lean")
 
 def make_transport(upstream: UpstreamSettings, *, http1_client: str | None = None) -> Transport:
     """The client for one upstream. HTTP/1.1 upstreams use `aiohttp.ClientSession`, or the
-    lean `proxy.client_http1` client when `http1_client` (default: the environment
+    lean `proxy.upstream.lean` client when `http1_client` (default: the environment
     variable CANARY_HTTP1_CLIENT) is "lean"."""
     if upstream.http2:
-        from proxy.client_httpx import HttpxTransport
+        from proxy.upstream.http2 import HttpxTransport
 
         return HttpxTransport(upstream)
     choice = http1_client or os.environ.get("CANARY_HTTP1_CLIENT") or "aiohttp"
     if choice not in HTTP1_CLIENTS:
         raise ValueError(f"CANARY_HTTP1_CLIENT={choice!r}: use one of {', '.join(HTTP1_CLIENTS)}")
     if choice == "lean":
-        from proxy.client_http1 import Http1Transport
+        from proxy.upstream.lean import Http1Transport
 
         return Http1Transport(upstream)
     return AiohttpTransport(upstream)

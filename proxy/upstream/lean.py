@@ -28,8 +28,8 @@ from yarl import URL
 
 from config.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from config.settings import UpstreamSettings
-from proxy.client_http1_wire import Connection, Exchange
-from proxy.client_transport import PoolGate, UpstreamResponse
+from proxy.upstream.lean_wire import Connection, Exchange
+from proxy.upstream.transport import PoolGate, UpstreamResponse
 
 __all__ = ["Http1Transport"]
 

@@ -7,7 +7,7 @@ import asyncio
 import structlog
 
 from config.settings import ARMS, ArmName, Upstreams
-from proxy.client_transport import Transport, make_transport
+from proxy.upstream.transport import Transport, make_transport
 
 __all__ = ["UpstreamClients"]
 

@@ -1,6 +1,6 @@
 """One HTTP/1.1 connection to an upstream and one request/response exchange on it.
 
-The wire half of `proxy.client_http1`: an `asyncio.Protocol` whose bytes are parsed in C
+The wire half of `proxy.upstream.lean`: an `asyncio.Protocol` whose bytes are parsed in C
 by httptools, and an `Exchange` (the `UpstreamResponse` the proxy streams back). Flow
 control both ways: reading pauses while more than `_HIGH_WATER` bytes of the body wait
 for the client, and the request body waits while the socket's write buffer is full.
@@ -16,10 +16,10 @@ import httptools
 from multidict import CIMultiDict
 
 from config.errors import UpstreamConnectError, UpstreamTimeout
-from proxy.client_transport import describe
+from proxy.upstream.transport import describe
 
 if TYPE_CHECKING:
-    from proxy.client_http1 import Http1Transport
+    from proxy.upstream.lean import Http1Transport
 
 __all__ = ["Connection", "Exchange"]
 
