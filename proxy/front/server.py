@@ -115,7 +115,7 @@ class CanaryServer:
         )
 
     async def _bind(self) -> None:
-        from proxy.web_admin import make_admin_app
+        from proxy.admin.app import make_admin_app
 
         admin_app = make_admin_app(self)
         admin_app.cleanup_ctx.append(self._tick_ctx)

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from config.errors import CanaryError, StateCorrupt, StateError
-from proxy.metrics import MetricsSource, make_registry, render
+from proxy.admin.metrics import MetricsSource, make_registry, render
 from rollout.state import to_iso
 
 if TYPE_CHECKING:
