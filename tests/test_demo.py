@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.cli import main
+from proxy.cli.main import main
 from proxy.demo_traffic import iter_sse_data
 from proxy.demo_upstream import UPSTREAM_STATS, UpstreamProfile, make_demo_upstream
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 from config.errors import AdminError, AdminUnreachable, CanaryError, ConfigError, StateError
 from config.loader import load_settings
 from config.settings import HostPort, Settings
-from proxy.cli_status import format_status, format_summary
+from proxy.cli.status import format_status, format_summary
 
 __all__ = ["AdminClient", "AdminTarget", "UsageError", "add_control_commands", "locate_admin"]
 

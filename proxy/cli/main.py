@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a config file; print ok or every problem")
     _add_config_arg(validate, required=True)
 
-    from proxy.cli_control import add_control_commands
+    from proxy.cli.control import add_control_commands
     from proxy.demo import add_demo_command
 
     add_control_commands(sub, _add_config_arg)
