@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 
 from proxy.cli.main import main
-from proxy.demo_traffic import iter_sse_data
-from proxy.demo_upstream import UPSTREAM_STATS, UpstreamProfile, make_demo_upstream
+from proxy.demo.traffic import iter_sse_data
+from proxy.demo.upstream import UPSTREAM_STATS, UpstreamProfile, make_demo_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = dict(first_token=(0.001, 0.002), per_token=(0.001, 0.002), tokens=(5, 8))

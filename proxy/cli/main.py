@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arg(validate, required=True)
 
     from proxy.cli.control import add_control_commands
-    from proxy.demo import add_demo_command
+    from proxy.demo.command import add_demo_command
 
     add_control_commands(sub, _add_config_arg)
     add_demo_command(sub)

@@ -1,9 +1,9 @@
 """`canary demo`: the whole life of a rollout on one machine, in one process.
 
-This module is the command line and the options; `proxy.demo_run` runs the story: two
-simulated OpenAI-compatible upstreams (`proxy.demo_upstream`), a real config in a fresh
-temp dir, the real proxy, a traffic generator (`proxy.demo_traffic`), live progress and a
-summary (`proxy.demo_report`). It is imported only when the demo runs, so every other
+This module is the command line and the options; `proxy.demo.run` runs the story: two
+simulated OpenAI-compatible upstreams (`proxy.demo.upstream`), a real config in a fresh
+temp dir, the real proxy, a traffic generator (`proxy.demo.traffic`), live progress and a
+summary (`proxy.demo.report`). It is imported only when the demo runs, so every other
 command starts fast and a Ctrl-C during start-up is still a clean exit.
 """
 
@@ -118,7 +118,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         fast=args.fast, keep_running=args.keep_running, time_limit=args.time_limit,
     )
     try:
-        from proxy.demo_run import run_demo
+        from proxy.demo.run import run_demo
 
         return asyncio.run(run_demo(options, sys.stdout))
     except KeyboardInterrupt:  # before the demo's own handler was installed

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.demo_traffic import TrafficTally
+from proxy.demo.traffic import TrafficTally
 from rollout.state import from_iso
 
 __all__ = ["PROGRESS_LEGEND", "DemoOutcome", "is_finished", "progress_line", "summary", "transition_line"]

@@ -25,10 +25,10 @@ from aiohttp import web
 
 from config.errors import CanaryError
 from config.loader import load_settings
-from proxy.demo import EXIT_INTERRUPTED, DemoOptions, Pace
-from proxy.demo_report import PROGRESS_LEGEND, DemoOutcome, is_finished, progress_line, summary, transition_line
-from proxy.demo_traffic import TrafficGenerator, TrafficPlan
-from proxy.demo_upstream import UpstreamProfile, make_demo_upstream
+from proxy.demo.command import EXIT_INTERRUPTED, DemoOptions, Pace
+from proxy.demo.report import PROGRESS_LEGEND, DemoOutcome, is_finished, progress_line, summary, transition_line
+from proxy.demo.traffic import TrafficGenerator, TrafficPlan
+from proxy.demo.upstream import UpstreamProfile, make_demo_upstream
 from proxy.logs import configure_logging
 from proxy.front.server import CanaryServer
 
