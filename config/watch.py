@@ -8,11 +8,24 @@ change; its reappearance with a new signature is.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ConfigWatcher", "Signature"]
+__all__ = ["ConfigStatus", "ConfigWatcher", "Signature"]
 
 Signature = tuple[int, int, int]  # (st_mtime_ns, st_ino, st_size)
+
+
+@dataclass
+class ConfigStatus:
+    """What `/status` says of the config file: which one, when it was last loaded, the
+    error of the last rejected edit (None once a good one applied) and the reload counts."""
+
+    path: str | None
+    loaded_at: float
+    error: str | None = None
+    reloads_ok: int = 0
+    reloads_failed: int = 0
 
 
 class ConfigWatcher:

@@ -2,6 +2,7 @@
 
     evidence    per-arm outcome counters the proxy records (hot path)
     sprt        sequential tests on count deltas (pure)
+    policy      Policy (settings as numbers, the test plan) and Evidence values
     verdict     scores -> level, reasons, figures (pure)
     engine      (state, evidence, policy, now) -> (state, decision); operator commands (pure)
     state       RolloutState / Transition values and their JSON

@@ -8,14 +8,15 @@ operator commands are pure functions of the same shape. Semantics: CONTRACT §2 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from config.settings import Action, AnalysisSettings, RolloutSettings
+from config.settings import Action
 from rollout.evidence import StageCounts
-from rollout.sprt import AnalysisPlan, AnalysisState, advance
-from rollout.state import RolloutState, State, Transition, Trigger
-from rollout.verdict import RANK, Severity, Verdict, assess, judge
+from rollout.policy import Evidence, Policy
+from rollout.sprt import AnalysisState, advance
+from rollout.state import RolloutState, Severity, State, Transition, Trigger
+from rollout.verdict import RANK, Verdict, assess, judge
 
 __all__ = [
     "Decision",
@@ -35,72 +36,6 @@ __all__ = [
 
 Step = tuple[RolloutState, "Decision | None"]
 Figures = Mapping[str, Any] | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Policy:
-    """What the rollout and analysis settings mean to the engine."""
-
-    stages: tuple[int, ...] = (5, 25, 50, 100)
-    bake: float = 600.0
-    min_requests: int = 100
-    auto_promote: bool = True
-    analysis_min_requests: int = 20
-    error_warning: float = 0.05
-    error_critical: float = 0.10
-    p95_limit: float = 5.0
-    p99_limit: float = 10.0
-    on_warning: Action = "step_back"
-    on_critical: Action = "rollback"
-    compare_baseline: bool = True
-    alpha: float = 0.01
-    compare_alpha: float = 1e-5
-    plan: AnalysisPlan = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.stages or list(self.stages) != sorted(set(self.stages)):
-            raise ValueError(f"stages must be increasing, got {self.stages}")
-        plan = AnalysisPlan.build(
-            error_warning=self.error_warning,
-            error_critical=self.error_critical,
-            alpha=self.alpha,
-            compare_alpha=self.compare_alpha,
-        )
-        object.__setattr__(self, "plan", plan)
-
-    @classmethod
-    def from_settings(cls, rollout: RolloutSettings, analysis: AnalysisSettings) -> Policy:
-        return cls(
-            stages=tuple(rollout.stages),
-            bake=rollout.bake,
-            min_requests=rollout.min_requests,
-            auto_promote=rollout.auto_promote,
-            analysis_min_requests=analysis.min_requests,
-            error_warning=analysis.errors.warning,
-            error_critical=analysis.errors.critical,
-            p95_limit=analysis.latency.p95_warning,
-            p99_limit=analysis.latency.p99_critical,
-            on_warning=analysis.on_warning,
-            on_critical=analysis.on_critical,
-            compare_baseline=analysis.compare_baseline,
-        )
-
-    def next_stage(self, weight: int) -> int | None:
-        return next((stage for stage in self.stages if stage > weight), None)
-
-    def previous_stage(self, weight: int) -> int:
-        return max((stage for stage in self.stages if stage < weight), default=0)
-
-    def action_for(self, severity: Severity) -> Action:
-        return self.on_critical if severity == "critical" else self.on_warning
-
-
-@dataclass(frozen=True, kw_only=True)
-class Evidence:
-    """Both arms' outcomes since the current stage started."""
-
-    canary: StageCounts
-    baseline: StageCounts
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,7 @@ __all__ = [
     "TRIGGERS",
     "Level",
     "RolloutState",
+    "Severity",
     "State",
     "Transition",
     "Trigger",
@@ -29,6 +30,7 @@ __all__ = [
 State = Literal["progressing", "paused", "manual", "rolled_back", "promoted"]
 Trigger = Literal["auto", "operator", "config"]
 Level = Literal["ok", "insufficient_data", "warning", "critical"]
+Severity = Literal["warning", "critical"]
 STATES: tuple[State, ...] = get_args(State)
 TRIGGERS: tuple[Trigger, ...] = get_args(Trigger)
 LEVELS: tuple[Level, ...] = get_args(Level)

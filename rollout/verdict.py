@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from math import erf, sqrt
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from rollout.evidence import StageCounts
+from rollout.policy import Evidence, Policy
 from rollout.sprt import (
     ABSOLUTE_TESTS,
     COMPARE_OF,
@@ -17,14 +18,10 @@ from rollout.sprt import (
     AnalysisState,
     slow_could_be_critical,
 )
-from rollout.state import Level
-
-if TYPE_CHECKING:
-    from rollout.engine import Evidence, Policy
+from rollout.state import Level, Severity
 
 __all__ = ["RANK", "Severity", "Verdict", "assess", "judge", "warning_waits"]
 
-Severity = Literal["warning", "critical"]
 RANK: dict[str | None, int] = {None: 0, "ok": 0, "insufficient_data": 0, "warning": 1, "critical": 2}
 _SEVERITY: tuple[Severity, ...] = ("warning", "critical", "warning", "critical")
 _PAST = {"rollback": "rolled back", "step_back": "stepped back", "pause": "paused"}

@@ -21,10 +21,10 @@ import subprocess
 import sys
 import time
 from time import perf_counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
-__all__ = ["BODY", "LoadResult", "batch", "builtin_load", "have_wrk", "wrk"]
+__all__ = ["BODY", "LoadResult", "Results", "Row", "batch", "builtin_load", "have_wrk", "wrk"]
 
 BODY = b"hello, world\n"
 _RESPONSE = (
@@ -209,3 +209,25 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+@dataclass
+class Row:
+    """One server's figures over the rounds."""
+
+    name: str
+    load: LoadResult  # the best of the rounds at --connections
+    one_conn: LoadResult  # the best (lowest p50) of the rounds at 1 connection
+    cpu_per_request: float | None = None  # seconds of the server's CPU per request (lowest)
+    rounds_rps: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Results:
+    """Everything one benchmark run measured, for the report."""
+
+    machine: dict[str, object] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    batches: dict[str, dict[int, tuple[float, int]]] = field(default_factory=dict)
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    analysis: dict[str, dict[str, float]] = field(default_factory=dict)

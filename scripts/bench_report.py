@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from benchmark import Results, Row
+from bench_load import Results, Row
 
 __all__ = ["print_report"]
 

@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_load import BODY, LoadResult, batch, have_wrk, wrk  # noqa: E402
+from bench_load import BODY, LoadResult, Results, Row, batch, have_wrk, wrk  # noqa: E402
 from bench_report import print_report  # noqa: E402
 from bench_servers import (  # noqa: E402
     Children, canary_command, canary_config, cpu_seconds, free_port, nginx_split_config,
@@ -52,24 +52,6 @@ __all__ = ["main"]
 BATCH_SIZES = (1, 10, 50, 100)
 ANALYSIS_ON, ANALYSIS_OFF = "1s", "1d"  # analysis.interval: judged every second / never in a run
 SLOW_REQUESTS = 2000
-
-
-@dataclass
-class Row:
-    name: str
-    load: LoadResult  # the best of the rounds at --connections
-    one_conn: LoadResult  # the best (lowest p50) of the rounds at 1 connection
-    cpu_per_request: float | None = None  # seconds of the server's CPU per request (lowest)
-    rounds_rps: list[float] = field(default_factory=list)
-
-
-@dataclass
-class Results:
-    machine: dict[str, object] = field(default_factory=dict)
-    rows: list[Row] = field(default_factory=list)
-    batches: dict[str, dict[int, tuple[float, int]]] = field(default_factory=dict)
-    memory: dict[str, dict[str, float]] = field(default_factory=dict)
-    analysis: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from config.settings import (
     TimeoutSettings,
     UpstreamSettings,
 )
-from proxy.upstream.transport import HTTP1_CLIENTS, make_transport
+from proxy.upstream.pool import HTTP1_CLIENTS, make_transport
 from proxy.front.routing import Router, RoutingSnapshot
 from proxy.front.forward import PROXY_SERVER_OPTIONS, ProxyState, make_proxy_handler
 from rollout.evidence import OutcomeRecorder

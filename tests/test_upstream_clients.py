@@ -11,7 +11,7 @@ import pytest
 
 from config.errors import PoolExhausted
 from config.settings import PoolSettings, TimeoutSettings
-from proxy.upstream.transport import PoolGate
+from proxy.upstream.base import PoolGate
 from tests.conftest import upstream_settings
 from tests.upstreams import STATS
 

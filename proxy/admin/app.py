@@ -1,6 +1,6 @@
 """The admin listener: status, history, metrics, health, the dashboard and the control actions.
 
-A thin edge over the `CanaryServer` (stored under `ADMIN_SERVER`): reads answer JSON from
+A thin edge over a running server (an `AdminBackend`, stored under `ADMIN_SERVER`): reads answer JSON from
 the rollout controller and the config status; every POST needs `Authorization: Bearer
 TOKEN` (compared in constant time) and answers the new status. Endpoints: CONTRACT §6.
 """
@@ -13,24 +13,24 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from config.errors import CanaryError, StateCorrupt, StateError
+from config.watch import ConfigStatus
 from proxy.admin.metrics import MetricsSource, make_registry, render
+from rollout.controller import RolloutController
+from rollout.evidence import OutcomeRecorder
 from rollout.state import to_iso
 
-if TYPE_CHECKING:
-    from proxy.front.server import CanaryServer
-
-__all__ = ["ADMIN_SERVER", "COMMANDS", "make_admin_app", "status_document"]
+__all__ = ["ADMIN_SERVER", "COMMANDS", "AdminBackend", "make_admin_app", "status_document"]
 
 log = structlog.get_logger("canary.admin")
 STATIC_DIR = Path(__file__).parent / "static"
-ADMIN_SERVER: web.AppKey[CanaryServer] = web.AppKey("canary_server")
+ADMIN_SERVER: web.AppKey[AdminBackend] = web.AppKey("canary_server")
 METRICS: web.AppKey[CollectorRegistry] = web.AppKey("metrics_registry")
 COMMANDS = ("promote", "pause", "resume", "rollback", "reset")
 _MAX_BODY = 16 * 1024
@@ -45,17 +45,30 @@ _CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-ances
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class AdminBackend(Protocol):
+    """What the admin API needs of a running server (`proxy.front.server.CanaryServer`)."""
+
+    admin_token: str | None
+    config: ConfigStatus
+    recorder: OutcomeRecorder
+    controller: RolloutController | None
+
+    def weight(self) -> int: ...
+
+    def monotonic(self) -> float: ...
+
+
 class BadRequest(CanaryError):
     """A request body the admin API cannot act on; the message names the problem."""
 
 
-def status_document(server: CanaryServer) -> dict[str, Any]:
+def status_document(server: AdminBackend) -> dict[str, Any]:
     """CONTRACT §6 /status: the controller's view plus the config file's."""
     assert server.controller is not None
     return {**server.controller.status(), "config": _config_document(server)}
 
 
-def _config_document(server: CanaryServer) -> dict[str, Any]:
+def _config_document(server: AdminBackend) -> dict[str, Any]:
     config = server.config
     return {
         "path": config.path,
@@ -211,22 +224,22 @@ async def post_weight(request: web.Request) -> web.Response:
 
 
 # -- the app ------------------------------------------------------------------------------
-def _metrics_source(server: CanaryServer) -> MetricsSource:
+def _metrics_source(server: AdminBackend) -> MetricsSource:
     def controller() -> Any:
         assert server.controller is not None
         return server.controller
 
     return MetricsSource(
         recorder=server.recorder,
-        weight=lambda: server.router.snapshot.weight,
+        weight=server.weight,
         state=lambda: controller().state.state,
         rollbacks=lambda: controller().rollbacks_total,
         reloads=lambda: {"ok": server.config.reloads_ok, "rejected": server.config.reloads_failed},
-        monotonic=lambda: server.proxy_state.clock() if server.proxy_state else 0.0,
+        monotonic=server.monotonic,
     )
 
 
-def make_admin_app(server: CanaryServer) -> web.Application:
+def make_admin_app(server: AdminBackend) -> web.Application:
     app = web.Application(middlewares=[_security_headers, _require_token], client_max_size=_MAX_BODY)
     app[ADMIN_SERVER] = server
     app[METRICS] = make_registry(_metrics_source(server))

@@ -81,8 +81,8 @@ def _serve(path: str) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    from proxy.logs import configure_logging
     from proxy.front.server import CanaryServer
+    from proxy.logs import configure_logging
 
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
     _install_uvloop()

@@ -25,12 +25,12 @@ from aiohttp import web
 
 from config.errors import CanaryError
 from config.loader import load_settings
-from proxy.demo.command import EXIT_INTERRUPTED, DemoOptions, Pace
+from proxy.demo.options import EXIT_INTERRUPTED, DemoOptions, Pace
 from proxy.demo.report import PROGRESS_LEGEND, DemoOutcome, is_finished, progress_line, summary, transition_line
 from proxy.demo.traffic import TrafficGenerator, TrafficPlan
 from proxy.demo.upstream import UpstreamProfile, make_demo_upstream
-from proxy.logs import configure_logging
 from proxy.front.server import CanaryServer
+from proxy.logs import configure_logging
 
 __all__ = ["run_demo", "upstream_profiles", "write_config"]
 

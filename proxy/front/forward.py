@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 
 from config.errors import UpstreamError, UpstreamTimeout
 from config.settings import ArmName
-from proxy.upstream.transport import Transport, UpstreamResponse
+from proxy.upstream.base import Transport, UpstreamResponse
 from proxy.front.headers import client_response_headers, upstream_request_headers
 from proxy.front.routing import Router
 from rollout.evidence import ArmRecorder, OutcomeRecorder

@@ -13,7 +13,6 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -23,7 +22,8 @@ from aiohttp import web
 from config.errors import ConfigError
 from config.loader import load_settings
 from config.settings import Settings
-from config.watch import ConfigWatcher
+from config.watch import ConfigStatus, ConfigWatcher
+from proxy.admin.app import make_admin_app
 from proxy.front.routing import Router, RoutingSnapshot
 from proxy.upstream.pool import UpstreamClients
 from proxy.front.forward import ProxyState, make_proxy_server
@@ -31,7 +31,7 @@ from rollout.controller import RolloutController
 from rollout.evidence import OutcomeRecorder
 from rollout.store import JsonFileStore
 
-__all__ = ["CanaryServer", "ConfigStatus", "token_path"]
+__all__ = ["CanaryServer", "token_path"]
 
 log = structlog.get_logger("canary.server")
 _WATCH_EVERY = 0.25  # seconds between config-file polls
@@ -46,15 +46,6 @@ def series_step(interval: float) -> float:
     """The dashboard's chart resolution: 5 s at the default 1 s interval, finer when the
     analysis runs faster (0.5 s at most, so ten minutes stay a small JSON document)."""
     return min(5.0, max(0.5, 5 * interval))
-
-
-@dataclass
-class ConfigStatus:
-    path: str | None
-    loaded_at: float
-    error: str | None = None
-    reloads_ok: int = 0
-    reloads_failed: int = 0
 
 
 class CanaryServer:
@@ -78,6 +69,14 @@ class CanaryServer:
         self._started = asyncio.Event()
         self.proxy_port = 0
         self.admin_port = 0
+
+    def weight(self) -> int:
+        """The weight the proxy listener applies now."""
+        return self.router.snapshot.weight
+
+    def monotonic(self) -> float:
+        """The proxy listener's clock (0 before it started)."""
+        return self.proxy_state.clock() if self.proxy_state else 0.0
 
     # -- start / stop -------------------------------------------------------------
     async def start(self) -> None:
@@ -115,8 +114,6 @@ class CanaryServer:
         )
 
     async def _bind(self) -> None:
-        from proxy.admin.app import make_admin_app
-
         admin_app = make_admin_app(self)
         admin_app.cleanup_ctx.append(self._tick_ctx)
         drain = {"handle_signals": False, "shutdown_timeout": self.settings.drain_timeout}

@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from config.errors import PoolExhausted, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from config.settings import UpstreamSettings
-from proxy.upstream.transport import UpstreamResponse
+from proxy.upstream.base import UpstreamResponse
 
 __all__ = ["HttpxTransport"]
 

@@ -29,7 +29,7 @@ from yarl import URL
 from config.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from config.settings import UpstreamSettings
 from proxy.upstream.lean_wire import Connection, Exchange
-from proxy.upstream.transport import PoolGate, UpstreamResponse
+from proxy.upstream.base import PoolGate, UpstreamResponse
 
 __all__ = ["Http1Transport"]
 

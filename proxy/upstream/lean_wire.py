@@ -10,20 +10,30 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator
+from typing import AsyncIterable, AsyncIterator, Protocol
 
 import httptools
 from multidict import CIMultiDict
 
 from config.errors import UpstreamConnectError, UpstreamTimeout
-from proxy.upstream.transport import describe
+from proxy.upstream.base import describe
 
-if TYPE_CHECKING:
-    from proxy.upstream.lean import Http1Transport
-
-__all__ = ["Connection", "Exchange"]
+__all__ = ["Connection", "ConnectionOwner", "Exchange"]
 
 _HIGH_WATER = 256 * 1024  # body bytes buffered for a slow client before reading pauses
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs of the pool that owns it (`proxy.upstream.lean.Http1Transport`)."""
+
+    arm: str
+    total: float
+
+    def release_slot(self) -> None: ...
+
+    def release(self, conn: Connection, *, reuse: bool) -> None: ...
+
+    def forget(self, conn: Connection) -> None: ...
 
 
 class Exchange:
@@ -34,7 +44,7 @@ class Exchange:
         "_owner", "_chunks", "_buffered", "_complete", "_timer", "_closed",
     )
 
-    def __init__(self, owner: Http1Transport, conn: Connection, *, head_only: bool, deadline: float) -> None:
+    def __init__(self, owner: ConnectionOwner, conn: Connection, *, head_only: bool, deadline: float) -> None:
         self.status = 0
         self.reason = ""
         self.headers: CIMultiDict[str] | None = None
@@ -147,7 +157,7 @@ class Connection(asyncio.Protocol):
         "_write_paused", "_drain",
     )
 
-    def __init__(self, owner: Http1Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, owner: ConnectionOwner, loop: asyncio.AbstractEventLoop) -> None:
         self.owner = owner
         self.loop = loop
         self.transport: asyncio.Transport | None = None

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import structlog
 
-from config.settings import ARMS, ArmName, Upstreams
-from proxy.upstream.transport import Transport, make_transport
+from config.settings import ARMS, ArmName, Upstreams, UpstreamSettings
+from proxy.upstream.base import Transport
+from proxy.upstream.http2 import HttpxTransport
+from proxy.upstream.lean import Http1Transport
+from proxy.upstream.session import AiohttpTransport
 
-__all__ = ["UpstreamClients"]
+__all__ = ["HTTP1_CLIENTS", "UpstreamClients", "make_transport"]
 
 log = structlog.get_logger("canary.upstreams")
 
@@ -52,3 +56,20 @@ class UpstreamClients:
             task.cancel()
         for transport in self.transports.values():
             await transport.close()
+
+
+HTTP1_CLIENTS = ("aiohttp", "lean")
+
+
+def make_transport(upstream: UpstreamSettings, *, http1_client: str | None = None) -> Transport:
+    """The client for one upstream. HTTP/1.1 upstreams use `aiohttp.ClientSession`, or the
+    lean `proxy.upstream.lean` client when `http1_client` (default: the environment
+    variable CANARY_HTTP1_CLIENT) is "lean"."""
+    if upstream.http2:
+        return HttpxTransport(upstream)
+    choice = http1_client or os.environ.get("CANARY_HTTP1_CLIENT") or "aiohttp"
+    if choice not in HTTP1_CLIENTS:
+        raise ValueError(f"CANARY_HTTP1_CLIENT={choice!r}: use one of {', '.join(HTTP1_CLIENTS)}")
+    if choice == "lean":
+        return Http1Transport(upstream)
+    return AiohttpTransport(upstream)

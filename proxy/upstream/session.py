@@ -1,0 +1,122 @@
+"""aiohttp's `ClientSession` as an upstream client for HTTP/1.1 upstreams.
+
+Behind the `proxy.upstream.base.Transport` interface like the other clients; aiohttp's
+errors are translated into `config.errors.UpstreamError` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from config.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from config.settings import UpstreamSettings
+from proxy.upstream.base import PoolGate, UpstreamResponse, describe
+
+__all__ = ["AiohttpTransport"]
+
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class _AiohttpResponse:
+    __slots__ = ("_arm", "_gate", "_response", "headers", "reason", "status")
+
+    def __init__(self, arm: str, response: aiohttp.ClientResponse, gate: PoolGate) -> None:
+        self._arm = arm
+        self._response = response
+        self._gate: PoolGate | None = gate
+        self.status = response.status
+        self.reason = response.reason or ""
+        self.headers = response.headers
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except TimeoutError:
+            raise UpstreamTimeout(self._arm, f"{self._arm}: upstream timed out while sending the body") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamConnectError(self._arm, f"{self._arm}: upstream broke off the body: {describe(exc)}") from None
+
+    def complete_body(self) -> bytes | None:
+        content = self._response.content
+        if not content.is_eof() or content.exception() is not None:
+            return None
+        return content.read_nowait(-1)
+
+    async def aclose(self) -> None:
+        if self._gate is not None:
+            self._response.release()
+            self._gate.release()
+            self._gate = None
+
+
+class AiohttpTransport:
+    """HTTP/1.1 upstream client: one `aiohttp.ClientSession` per upstream."""
+
+    def __init__(self, upstream: UpstreamSettings) -> None:
+        self._arm = upstream.name
+        self._base = upstream.url
+        self._retries = upstream.retries
+        pool = upstream.pool
+        self._gate = PoolGate(upstream.name, pool.max_connections, upstream.timeout.connect)
+        connector = aiohttp.TCPConnector(
+            limit=pool.max_connections, limit_per_host=0, keepalive_timeout=15.0, ttl_dns_cache=60
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a proxy never keeps cookies
+            auto_decompress=False,  # Content-Encoding passes through untouched
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            timeout=aiohttp.ClientTimeout(
+                total=upstream.timeout.total, connect=None, sock_connect=upstream.timeout.connect
+            ),
+            trust_env=False,
+        )
+
+    async def send(
+        self, method: str, path_qs: str, headers: CIMultiDict[str], body: AsyncIterable[bytes] | None
+    ) -> UpstreamResponse:
+        await self._gate.acquire()
+        try:
+            response = await self._request(method, URL(self._base + path_qs, encoded=True), headers, body)
+        except BaseException:
+            self._gate.release()
+            raise
+        return _AiohttpResponse(self._arm, response, self._gate)
+
+    def busy(self) -> bool:
+        return self._gate.in_use > 0
+
+    async def _request(
+        self, method: str, url: URL, headers: CIMultiDict[str], body: AsyncIterable[bytes] | None
+    ) -> aiohttp.ClientResponse:
+        attempt = 0
+        while True:
+            try:
+                return await self._session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False, compress=None
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Nothing was sent yet, so a retry cannot repeat a side effect.
+                if attempt >= self._retries.attempts:
+                    raise _translate(self._arm, exc) from None
+                await asyncio.sleep(self._retries.backoff * 2**attempt)
+                attempt += 1
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise _translate(self._arm, exc) from None
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _translate(arm: str, exc: BaseException) -> UpstreamError:
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamTimeout(arm, f"{arm}: upstream timed out ({exc.__class__.__name__})")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(arm, f"{arm}: cannot connect to upstream: {describe(exc)}")
+    return UpstreamConnectError(arm, f"{arm}: upstream connection failed: {describe(exc)}")
