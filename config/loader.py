@@ -18,6 +18,7 @@ import yaml
 from yaml.nodes import MappingNode
 
 from config.errors import ConfigError, Problem
+from config.tls_files import check_tls_files
 from config.schema import (
     Invalid,
     Reader,
@@ -47,8 +48,10 @@ from config.settings import (
     StateSettings,
     StickyKey,
     TimeoutSettings,
+    TlsSettings,
     UpstreamSettings,
     Upstreams,
+    WebSocketSettings,
 )
 
 __all__ = ["format_problems", "load_settings", "parse_settings"]
@@ -138,6 +141,7 @@ def _settings(reader: Reader, root: MappingNode, base_dir: Path) -> Settings:
         analysis=_analysis(top.section("analysis", AnalysisSettings)),
         state=_state(top.section("state", StateSettings), base_dir),
         logging=_logging(top.section("logging", LoggingSettings)),
+        tls=_tls(top, base_dir),
         **top.fields(listen=host_port, drain_timeout=duration(positive=False)),
     )
 
@@ -176,6 +180,8 @@ def _routing(section: Section) -> RoutingSettings:
         force_header=header_name,
         arm_header=header_name,
     )
+    websocket = section.section("websocket", WebSocketSettings)
+    found["websocket"] = WebSocketSettings(**websocket.fields(on_rollback=choice("close", "keep")))
     paths = section.items("paths", path_prefix, expected='path prefixes such as "/api/"')
     if paths == []:
         section.problem("paths", 'must list at least one path prefix ("/" matches every path)')
@@ -243,6 +249,26 @@ def _state(section: Section, base_dir: Path) -> StateSettings:
     path = section.value("path", string(empty_ok=False), default=str(StateSettings().path))
     resolved = Path(path).expanduser()
     return StateSettings(path=Path(os.path.abspath(base_dir / resolved)))
+
+
+def _tls(top: Section, base_dir: Path) -> TlsSettings | None:
+    """`tls:` absent means plain HTTP; present, both files must exist, parse and match."""
+    if not top.has("tls"):
+        return None
+    section = top.section("tls", TlsSettings)
+    problems = len(section.reader.problems)
+    files = {
+        name: section.required(name, string(empty_ok=False), placeholder="", hint=f"the PEM {what} file")
+        for name, what in (("cert", "certificate chain"), ("key", "private key"))
+    }
+    if len(section.reader.problems) > problems:
+        return None
+    cert, key = (Path(os.path.abspath(base_dir / Path(files[name]).expanduser())) for name in ("cert", "key"))
+    problem = check_tls_files(cert, key)
+    if problem is not None:
+        section.problem(problem.key, problem.message)
+        return None
+    return TlsSettings(cert=cert, key=key)
 
 
 def _logging(section: Section) -> LoggingSettings:

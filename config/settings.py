@@ -32,7 +32,9 @@ __all__ = [
     "StateSettings",
     "StickyKey",
     "TimeoutSettings",
+    "TlsSettings",
     "UpstreamSettings",
+    "WebSocketSettings",
     "Upstreams",
 ]
 
@@ -95,11 +97,19 @@ class StickyKey:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WebSocketSettings:
+    """What happens to the canary's open WebSockets when the canary loses its traffic."""
+
+    on_rollback: Literal["close", "keep"] = "close"
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoutingSettings:
     paths: tuple[str, ...] = ("/",)
     sticky_key: StickyKey | None = StickyKey(source="header", name="X-User-Id")
     force_header: str = "X-Canary"
     arm_header: str = "X-Canary-Arm"  # "" disables the response header
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,6 +163,14 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TlsSettings:
+    """The proxy listener's certificate chain and key (PEM files, absolute paths)."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     upstreams: Upstreams
     listen: HostPort = HostPort(host="0.0.0.0", port=8080)
@@ -163,4 +181,5 @@ class Settings:
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     state: StateSettings = field(default_factory=StateSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    tls: TlsSettings | None = None  # None: plain HTTP on `listen`
     source: Path | None = None  # the file these settings were loaded from

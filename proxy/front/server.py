@@ -12,6 +12,7 @@ import asyncio
 import os
 import secrets
 import signal
+import ssl
 import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from config.settings import Settings
 from config.watch import ConfigStatus, ConfigWatcher
 from proxy.admin.app import make_admin_app
 from proxy.front.routing import Router, RoutingSnapshot
+from proxy.front.tls import ListenerTls
 from proxy.upstream.pool import UpstreamClients
 from proxy.front.forward import ProxyState, make_proxy_server
 from rollout.controller import RolloutController
@@ -63,6 +65,7 @@ class CanaryServer:
         self.upstreams: UpstreamClients | None = None
         self.proxy_state: ProxyState | None = None
         self.controller: RolloutController | None = None
+        self.tls: ListenerTls | None = None
         self._watcher = ConfigWatcher(settings.source) if settings.source else None
         self._pending_since: float | None = None
         self._runners: list[web.BaseRunner] = []
@@ -85,6 +88,7 @@ class CanaryServer:
         behind but the token file (reused next time): no client sessions, no state written."""
         loop = asyncio.get_running_loop()
         self._ensure_token()
+        self.tls = ListenerTls(self.settings.tls) if self.settings.tls else None
         self.upstreams = UpstreamClients(self.settings.upstreams)
         self.proxy_state = ProxyState(
             router=self.router, recorder=self.recorder, transports=self.upstreams.transports, clock=loop.time
@@ -107,7 +111,7 @@ class CanaryServer:
         self._started.set()
         log.info(
             "serving",
-            proxy=f"http://{self.settings.listen.host}:{self.proxy_port}",
+            proxy=f"{'https' if self.tls else 'http'}://{self.settings.listen.host}:{self.proxy_port}",
             admin=f"http://{self.settings.admin.listen.host}:{self.admin_port}",
             weight=self.router.snapshot.weight,
             config=self.config.path,
@@ -120,13 +124,14 @@ class CanaryServer:
         # The proxy runs on aiohttp's low-level server (no URL dispatch on the hot path).
         proxy_runner = web.ServerRunner(make_proxy_server(self.proxy_state, access_log=None), **drain)
         admin_runner = web.AppRunner(admin_app, access_log=None, **drain)
-        self.proxy_port = await self._listen(proxy_runner, self.settings.listen.host, self.settings.listen.port)
+        tls = self.tls.context if self.tls else None
+        self.proxy_port = await self._listen(proxy_runner, self.settings.listen.host, self.settings.listen.port, tls)
         self.admin_port = await self._listen(admin_runner, self.settings.admin.listen.host, self.settings.admin.listen.port)
 
-    async def _listen(self, runner: web.BaseRunner, host: str, port: int) -> int:
+    async def _listen(self, runner: web.BaseRunner, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
         self._runners.append(runner)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True, ssl_context=tls)
         await site.start()
         return runner.addresses[0][1]
 
@@ -239,6 +244,7 @@ class CanaryServer:
         old = self.settings
         if fresh.listen != old.listen or fresh.admin.listen != old.admin.listen:
             log.warning("listen_change_needs_restart", listen=str(fresh.listen), admin=str(fresh.admin.listen))
+        self._apply_tls(fresh)
         if fresh.logging != old.logging:
             log.warning("logging_change_needs_restart", level=fresh.logging.level, format=fresh.logging.format)
         if fresh.admin.token and fresh.admin.token != self.admin_token:
@@ -253,6 +259,14 @@ class CanaryServer:
             self.proxy_state.transports = self.upstreams.replace(fresh.upstreams, drain=old.drain_timeout)
         self.settings = fresh
         self.controller.apply_settings(fresh)
+
+    def _apply_tls(self, fresh: Settings) -> None:
+        """Re-read the certificate on every reload (a renewed one applies to the next
+        connection); turning TLS on or off changes the listener: that needs a restart."""
+        if (fresh.tls is None) != (self.tls is None):
+            log.warning("tls_change_needs_restart", tls="on" if fresh.tls else "off")
+        elif self.tls is not None and fresh.tls is not None:
+            self.tls.load(fresh.tls)
 
     # -- foreground run -------------------------------------------------------------
     async def run_until_signalled(self) -> None:
