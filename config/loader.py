@@ -19,6 +19,7 @@ from yaml.nodes import MappingNode
 
 from config.errors import ConfigError, Problem
 from config.tls_files import check_tls_files
+from config.sizes import SIZE_EXAMPLES, parse_size
 from config.schema import (
     Invalid,
     Reader,
@@ -37,6 +38,8 @@ from config.settings import (
     AnalysisSettings,
     ArmName,
     ErrorThresholds,
+    FALLBACK_KINDS,
+    FallbackSettings,
     HostPort,
     LatencyThresholds,
     LoggingSettings,
@@ -187,7 +190,15 @@ def _routing(section: Section) -> RoutingSettings:
         section.problem("paths", 'must list at least one path prefix ("/" matches every path)')
     elif paths is not None:
         found["paths"] = tuple(item.value for item in paths)
-    return RoutingSettings(**found)
+    return RoutingSettings(fallback=_fallback(section.section("fallback", FallbackSettings)), **found)
+
+
+def _fallback(section: Section) -> FallbackSettings:
+    found = section.fields(enabled=boolean, max_body=size)
+    kinds = section.items("on", choice(*FALLBACK_KINDS), expected="failure kinds such as [connect, timeout, 5xx]")
+    if kinds is not None:
+        found["on"] = tuple(dict.fromkeys(item.value for item in kinds))  # type: ignore[misc]
+    return FallbackSettings(**found)
 
 
 def _rollout(section: Section) -> RolloutSettings:
@@ -286,6 +297,16 @@ def _check_order(section: Section, low: str, high: str, values: tuple[float, flo
         section.problem(low, f"must not exceed {high} ({high_value:g}), got {low_value:g}")
     else:
         section.problem(high, f"must be at least {low} ({low_value:g}), got {high_value:g}")
+
+
+def size(scalar: Scalar) -> int:
+    """A byte size: a whole number of bytes or "1MiB", "512KiB", "64kB"."""
+    if isinstance(scalar.value, bool) or not isinstance(scalar.value, (int, str)):
+        raise Invalid(f"expected a size {SIZE_EXAMPLES}, got {scalar.show()}")
+    try:
+        return parse_size(scalar.value if isinstance(scalar.value, int) else scalar.text)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def host_port(scalar: Scalar) -> HostPort:

@@ -13,6 +13,8 @@ from typing import Literal
 Action = Literal["pause", "step_back", "rollback"]
 ArmName = Literal["baseline", "canary"]
 ARMS: tuple[ArmName, ArmName] = ("baseline", "canary")
+FallbackKind = Literal["connect", "timeout", "5xx"]
+FALLBACK_KINDS: tuple[FallbackKind, ...] = ("connect", "timeout", "5xx")
 
 __all__ = [
     "ARMS",
@@ -21,6 +23,9 @@ __all__ = [
     "AnalysisSettings",
     "ArmName",
     "ErrorThresholds",
+    "FALLBACK_KINDS",
+    "FallbackKind",
+    "FallbackSettings",
     "HostPort",
     "LatencyThresholds",
     "LoggingSettings",
@@ -104,12 +109,22 @@ class WebSocketSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FallbackSettings:
+    """Canary failures replayed on the baseline (CONTRACT §8)."""
+
+    enabled: bool = False
+    on: tuple[FallbackKind, ...] = FALLBACK_KINDS
+    max_body: int = 1024 * 1024  # bytes: larger request bodies stream, without fallback
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoutingSettings:
     paths: tuple[str, ...] = ("/",)
     sticky_key: StickyKey | None = StickyKey(source="header", name="X-User-Id")
     force_header: str = "X-Canary"
     arm_header: str = "X-Canary-Arm"  # "" disables the response header
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
+    fallback: FallbackSettings = field(default_factory=FallbackSettings)
 
 
 @dataclass(frozen=True, kw_only=True)

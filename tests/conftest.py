@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.test_utils import BaseTestServer, TestServer
 
 from config.settings import (
+    FallbackSettings,
     PoolSettings,
     RetrySettings,
     RoutingSettings,
@@ -17,6 +18,7 @@ from config.settings import (
     UpstreamSettings,
 )
 from proxy.upstream.pool import HTTP1_CLIENTS, make_transport
+from proxy.front.fallback import Fallback
 from proxy.front.routing import Router, RoutingSnapshot
 from proxy.front.forward import PROXY_SERVER_OPTIONS, ProxyState, make_proxy_handler
 from rollout.evidence import OutcomeRecorder
@@ -67,6 +69,7 @@ async def proxy_factory(aiohttp_raw_server, upstreams, http1_client) -> ProxyFac
         baseline: UpstreamSettings | None = None,
         canary: UpstreamSettings | None = None,
         seed: int | None = None,
+        fallback: FallbackSettings | None = None,
     ) -> tuple[BaseTestServer, ProxyState]:
         routing = routing or RoutingSettings()
         rng = random.Random(seed).random if seed is not None else random.random
@@ -79,6 +82,7 @@ async def proxy_factory(aiohttp_raw_server, upstreams, http1_client) -> ProxyFac
             recorder=OutcomeRecorder(window=60, warn_limit=5, crit_limit=10),
             transports={arm: make_transport(s, http1_client=http1_client) for arm, s in settings.items()},
             clock=__import__("time").monotonic,
+            fallback=Fallback(fallback or FallbackSettings(), body_timeout=settings["canary"].timeout.total),
         )
         states.append(state)
         server = await aiohttp_raw_server(make_proxy_handler(state), **PROXY_SERVER_OPTIONS)

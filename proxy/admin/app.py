@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from config.errors import CanaryError, StateCorrupt, StateError
 from config.watch import ConfigStatus
+from proxy.front.fallback import Fallback
 from proxy.admin.metrics import MetricsSource, make_registry, render
 from rollout.controller import RolloutController
 from rollout.evidence import OutcomeRecorder
@@ -52,6 +53,7 @@ class AdminBackend(Protocol):
     config: ConfigStatus
     recorder: OutcomeRecorder
     controller: RolloutController | None
+    fallback: Fallback
 
     def weight(self) -> int: ...
 
@@ -236,6 +238,7 @@ def _metrics_source(server: AdminBackend) -> MetricsSource:
         rollbacks=lambda: controller().rollbacks_total,
         reloads=lambda: {"ok": server.config.reloads_ok, "rejected": server.config.reloads_failed},
         monotonic=server.monotonic,
+        fallbacks=lambda: server.fallback.counts,
     )
 
 

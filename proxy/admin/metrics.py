@@ -7,7 +7,7 @@ Labels stay low-cardinality: the arm, the code class, the rollout state, the rel
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -35,6 +35,7 @@ class MetricsSource:
     rollbacks: Callable[[], int]
     reloads: Callable[[], dict[str, int]]  # RELOAD_RESULTS -> count
     monotonic: Callable[[], float]
+    fallbacks: Callable[[], Mapping[str, int]] = dict  # kind -> canary requests replayed on the baseline
 
 
 def histogram_buckets(latency_totals: Sequence[int]) -> list[tuple[str, float]]:
@@ -68,6 +69,7 @@ class CanaryCollector(Collector):
         rollbacks.add_metric([], float(self.source.rollbacks()))
         yield rollbacks
         yield self._reloads()
+        yield self._fallbacks()
 
     def _requests(self, arms: dict[str, ArmRecorder]) -> Metric:
         family = CounterMetricFamily(
@@ -113,6 +115,17 @@ class CanaryCollector(Collector):
         counts = self.source.reloads()
         for result in RELOAD_RESULTS:
             family.add_metric([result], float(counts.get(result, 0)))
+        return family
+
+
+    def _fallbacks(self) -> Metric:
+        family = CounterMetricFamily(
+            "canary_fallbacks_total",
+            "Canary requests answered by the baseline after the canary failed, by kind (connect, timeout, 5xx).",
+            labels=["kind"],
+        )
+        for kind, total in self.source.fallbacks().items():
+            family.add_metric([kind], float(total))
         return family
 
 

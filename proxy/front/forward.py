@@ -15,15 +15,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterable, Awaitable, Callable
 
 import structlog
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from config.errors import UpstreamError, UpstreamTimeout
-from config.settings import ArmName
+from config.settings import ArmName, FallbackKind, FallbackSettings
 from proxy.upstream.base import Transport, UpstreamResponse
+from proxy.front.fallback import FALLBACK_HEADER, BodyNotKept, Fallback, FallbackNeeded, failure_kind
 from proxy.front.headers import client_response_headers, upstream_request_headers
 from proxy.front.routing import Router
 from rollout.evidence import ArmRecorder, OutcomeRecorder
@@ -47,12 +48,14 @@ class ProxyState:
         recorder: OutcomeRecorder,
         transports: dict[ArmName, Transport],
         clock: Callable[[], float],
+        fallback: Fallback | None = None,
     ) -> None:
         self.router = router
         self.recorder = recorder
         self.recorders: dict[ArmName, ArmRecorder] = recorder.arms
         self.transports = transports
         self.clock = clock
+        self.fallback = fallback or Fallback(FallbackSettings())
 
 
 def make_proxy_handler(state: ProxyState) -> ProxyHandler:
@@ -86,8 +89,6 @@ def _error_response(exc: UpstreamError, arm: ArmName, arm_header: str) -> web.Re
 async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamResponse:
     router = state.router
     arm = router.choose_arm(request)
-    recorder = state.recorders[arm]
-    clock = state.clock
     request_headers = request.headers
     headers = upstream_request_headers(
         request_headers, client_ip=request.remote, scheme=request.scheme, host=request.host
@@ -97,6 +98,47 @@ async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamR
         if "Expect" in request_headers:
             await _expect_continue(request)  # before begin(): a 417 is not an upstream outcome
         body = request.content.iter_any()
+    if arm == "canary" and state.fallback.enabled:
+        return await _forward_with_fallback(request, state, headers, body)
+    return await _exchange(request, state, arm, headers, body)
+
+
+async def _forward_with_fallback(
+    request: web.BaseRequest, state: ProxyState, headers: CIMultiDict[str], body: AsyncIterable[bytes] | None
+) -> web.StreamResponse:
+    """The canary's answer, or the baseline's when the canary failed in a way
+    `routing.fallback.on` lists before any byte reached the client (CONTRACT §8)."""
+    fallback = state.fallback
+    length = fallback.replayable_length(request)
+    if length is None:  # too large, unknown length or over budget: streams, no fallback
+        return await _exchange(request, state, "canary", headers, body)
+    try:
+        kept = await fallback.keep(request, length, fallback.body_timeout) if length else None
+    except BodyNotKept as exc:
+        if exc.timed_out:
+            return web.json_response({"error": "the request body did not arrive in time", "arm": "canary"}, status=408)
+        return web.Response(status=499, reason="Client Closed Request")  # never delivered
+    try:
+        try:
+            return await _exchange(request, state, "canary", headers, kept, fallback_on=fallback.kinds)
+        except FallbackNeeded as need:
+            fallback.count(need.kind)
+            return await _exchange(request, state, "baseline", headers, kept, fallback_kind=need.kind)
+    finally:
+        fallback.release(length)
+
+
+async def _exchange(
+    request: web.BaseRequest, state: ProxyState, arm: ArmName, headers: CIMultiDict[str],
+    body: AsyncIterable[bytes] | None, *,
+    fallback_on: frozenset[FallbackKind] = frozenset(), fallback_kind: FallbackKind | None = None,
+) -> web.StreamResponse:
+    """Send to `arm`, stream its answer back, record the outcome. A failure listed in
+    `fallback_on` raises `FallbackNeeded` instead of answering; `fallback_kind` marks
+    the baseline's answer to a replayed request."""
+    router = state.router
+    recorder = state.recorders[arm]
+    clock = state.clock
     request_id = recorder.begin(clock())
     try:
         upstream = await state.transports[arm].send(request.method, _target(request), headers, body)
@@ -108,19 +150,32 @@ async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamR
             recorder.abandon(request_id)  # the upstream was waiting for the client's body
             return web.json_response({"error": "the request body did not arrive in time", "arm": arm}, status=408)
         recorder.finish(request_id, exc.status, clock(), proxy_error=True)
+        kind = failure_kind(exc)
         log.warning(
             "upstream_failed", arm=arm, kind=exc.kind, status=exc.status, detail=str(exc),
             method=request.method, path=request.path,  # no query string: it may carry secrets
+            fallback=kind in fallback_on,
         )
-        return _error_response(exc, arm, router.snapshot.arm_header)
+        if kind in fallback_on:
+            raise FallbackNeeded(kind) from None  # type: ignore[arg-type]
+        response = _error_response(exc, arm, router.snapshot.arm_header)
+        if fallback_kind:
+            response.headers[FALLBACK_HEADER] = fallback_kind
+        return response
     except BaseException:
         recorder.abandon(request_id)
         raise
     recorder.headers_received(request_id, clock())
+    if upstream.status >= 500 and "5xx" in fallback_on:
+        recorder.finish(request_id, upstream.status, clock())
+        await upstream.aclose()
+        raise FallbackNeeded("5xx")
     response_headers = client_response_headers(upstream.headers)
     arm_header = router.snapshot.arm_header
     if arm_header:
         response_headers[arm_header] = arm
+    if fallback_kind:
+        response_headers[FALLBACK_HEADER] = fallback_kind
     try:
         return await _stream_back(request, upstream, response_headers, recorder, request_id, clock)
     finally:

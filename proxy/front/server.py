@@ -28,6 +28,7 @@ from proxy.admin.app import make_admin_app
 from proxy.front.routing import Router, RoutingSnapshot
 from proxy.front.tls import ListenerTls
 from proxy.upstream.pool import UpstreamClients
+from proxy.front.fallback import Fallback
 from proxy.front.forward import ProxyState, make_proxy_server
 from rollout.controller import RolloutController
 from rollout.evidence import OutcomeRecorder
@@ -62,6 +63,7 @@ class CanaryServer:
             crit_limit=settings.analysis.latency.p99_critical,
         )
         self.router = Router(RoutingSnapshot.from_settings(settings.routing, 0))
+        self.fallback = Fallback(settings.routing.fallback, body_timeout=settings.upstreams.canary.timeout.total)
         self.upstreams: UpstreamClients | None = None
         self.proxy_state: ProxyState | None = None
         self.controller: RolloutController | None = None
@@ -91,7 +93,8 @@ class CanaryServer:
         self.tls = ListenerTls(self.settings.tls) if self.settings.tls else None
         self.upstreams = UpstreamClients(self.settings.upstreams)
         self.proxy_state = ProxyState(
-            router=self.router, recorder=self.recorder, transports=self.upstreams.transports, clock=loop.time
+            router=self.router, recorder=self.recorder, transports=self.upstreams.transports, clock=loop.time,
+            fallback=self.fallback,
         )
         self.controller = RolloutController(
             self.settings,
@@ -255,6 +258,7 @@ class CanaryServer:
             crit_limit=fresh.analysis.latency.p99_critical,
         )
         self.router.set_routing(fresh.routing)
+        self.fallback.configure(fresh.routing.fallback, body_timeout=fresh.upstreams.canary.timeout.total)
         if self.upstreams is not None and fresh.upstreams != old.upstreams:
             self.proxy_state.transports = self.upstreams.replace(fresh.upstreams, drain=old.drain_timeout)
         self.settings = fresh
