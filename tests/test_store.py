@@ -136,7 +136,7 @@ def _append_many(path: str, worker: int, count: int) -> None:
 
 def test_concurrent_updates_from_processes_lose_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "state.json")
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # fork() of a threaded process is unsafe (3.12 warns)
     workers = [context.Process(target=_append_many, args=(path, w, 25)) for w in range(4)]
     for process in workers:
         process.start()

@@ -13,7 +13,7 @@ from config.errors import PoolExhausted
 from config.settings import PoolSettings, TimeoutSettings
 from proxy.upstream.base import PoolGate
 from tests.conftest import upstream_settings
-from tests.upstreams import STATS
+from tests.upstreams import STATS, tcp_upstream
 
 MB = 1024 * 1024
 
@@ -24,19 +24,13 @@ async def closes_reused_connections():
     next one arrives, unanswered: an upstream whose keep-alive timeout just fired."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
-            await writer.drain()
-            await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    server.close()
-    await server.wait_closed()
+    async with tcp_upstream(handle) as url:
+        yield url
 
 
 async def test_a_keepalive_connection_the_upstream_closed_is_retried_once_for_a_get(

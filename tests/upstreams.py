@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import gzip
 
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-__all__ = ["STATS", "UpstreamStats", "break_off_uploads", "make_upstream_app", "raw_upstream", "GZIP_BODY"]
+__all__ = [
+    "STATS", "UpstreamStats", "break_off_uploads", "make_upstream_app", "raw_upstream", "tcp_upstream", "GZIP_BODY",
+]
 
 
 class UpstreamStats:
@@ -159,6 +161,44 @@ async def break_off_uploads(port: int, stats: UpstreamStats, *, count: int = 3, 
             await settle()
 
 
+ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def tcp_upstream(handle: ConnectionHandler) -> AsyncIterator[str]:
+    """A plain asyncio server on 127.0.0.1 running `handle` per connection; yields its base URL.
+
+    It owns its connections: on exit it closes every one still open (an idle keep-alive
+    connection the proxy pooled, a handler waiting for a next request), then waits for the
+    server. Since Python 3.12.1 `Server.wait_closed()` waits until all connections are gone,
+    and `Server.close_clients()` only exists from 3.13, so the tracking is done here."""
+    open_writers: set[asyncio.StreamWriter] = set()
+    closing = False
+
+    async def owned(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if closing:  # accepted while the server was being closed
+            writer.close()
+            return
+        open_writers.add(writer)
+        try:
+            await handle(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the peer (or our own exit) closed the connection
+        finally:
+            open_writers.discard(writer)
+            writer.close()
+
+    server = await asyncio.start_server(owned, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        closing = True
+        server.close()
+        for writer in list(open_writers):
+            writer.close()
+        await server.wait_closed()
+
+
 @contextlib.asynccontextmanager
 async def raw_upstream(answer: bytes) -> AsyncIterator[str]:
     """An upstream that answers every request with exactly `answer` bytes (malformed HTTP,
@@ -168,10 +208,6 @@ async def raw_upstream(answer: bytes) -> AsyncIterator[str]:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(answer)
         await writer.drain()
-        writer.close()
 
-    listener = await asyncio.start_server(reply, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
-    finally:
-        listener.close()
+    async with tcp_upstream(reply) as url:
+        yield url

@@ -25,7 +25,7 @@ class UpstreamClients:
     def __init__(self, upstreams: Upstreams) -> None:
         self.settings = upstreams
         self.transports: dict[ArmName, Transport] = {arm: make_transport(upstreams.get(arm)) for arm in ARMS}
-        self._closing: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], Transport] = {}  # replaced, closing once idle
 
     def replace(self, upstreams: Upstreams, *, drain: float) -> dict[ArmName, Transport]:
         """New transports for the arms whose settings changed; returns the new dict."""
@@ -35,8 +35,8 @@ class UpstreamClients:
                 old = fresh[arm]
                 fresh[arm] = make_transport(upstreams.get(arm))
                 task = asyncio.ensure_future(self._close_later(arm, old, drain))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                self._retiring[task] = old
+                task.add_done_callback(self._retiring.pop)
                 log.info("upstream_replaced", arm=arm, url=upstreams.get(arm).url)
         self.settings = upstreams
         self.transports = fresh
@@ -52,9 +52,12 @@ class UpstreamClients:
         await transport.close()
 
     async def close(self) -> None:
-        for task in list(self._closing):
+        """Close every client, the replaced ones still draining included (the listener has
+        drained by now, so waiting on them would only wait on idle connections)."""
+        retiring = list(self._retiring.items())
+        for task, _ in retiring:
             task.cancel()
-        for transport in self.transports.values():
+        for transport in [old for _, old in retiring] + list(self.transports.values()):
             await transport.close()
 
 
