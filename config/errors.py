@@ -8,6 +8,7 @@ It lives in `config` because that is the bottom layer every other package may im
     │   └── StateCorrupt     the state file exists but cannot be parsed; it is kept
     ├── AdminError           the admin listener refused or could not be reached
     │   └── AdminUnreachable
+    ├── WorkerStartError     `workers: N`: the worker processes did not all start
     └── UpstreamError        forwarding to an arm failed (translated to 502/503/504)
         ├── UpstreamConnectError   connect failed or the connection broke -> 502
         ├── UpstreamTimeout        connect or total timeout -> 504
@@ -30,6 +31,7 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamTimeout",
+    "WorkerStartError",
 ]
 
 
@@ -71,6 +73,10 @@ class AdminError(CanaryError):
 
 class AdminUnreachable(AdminError):
     pass
+
+
+class WorkerStartError(CanaryError):
+    """Not every worker process was accepting in time at start; the log says why."""
 
 
 class UpstreamError(CanaryError):

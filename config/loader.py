@@ -57,7 +57,7 @@ from config.settings import (
     WebSocketSettings,
 )
 
-__all__ = ["format_problems", "load_settings", "parse_settings"]
+__all__ = ["MAX_WORKERS", "cpu_count", "format_problems", "load_settings", "parse_settings", "workers"]
 
 _ACTIONS = ("pause", "step_back", "rollback")
 _positive = duration(positive=True)
@@ -145,7 +145,7 @@ def _settings(reader: Reader, root: MappingNode, base_dir: Path) -> Settings:
         state=_state(top.section("state", StateSettings), base_dir),
         logging=_logging(top.section("logging", LoggingSettings)),
         tls=_tls(top, base_dir),
-        **top.fields(listen=host_port, drain_timeout=duration(positive=False)),
+        **top.fields(listen=host_port, drain_timeout=duration(positive=False), workers=workers),
     )
 
 
@@ -386,6 +386,27 @@ def path_prefix(scalar: Scalar) -> str:
     if text is None or not text.startswith("/") or any(char.isspace() for char in text):
         raise Invalid(f'expected a path prefix starting with "/", got {scalar.show()}')
     return text
+
+
+MAX_WORKERS = 256
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (what `workers: auto` means)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def workers(scalar: Scalar) -> int:
+    """A number of processes 1..256, or "auto" for one per core."""
+    if string_text(scalar) == "auto":
+        return cpu_count()
+    try:
+        return integer(1, MAX_WORKERS)(scalar)
+    except Invalid:
+        raise Invalid(f'expected a number of processes from 1 to {MAX_WORKERS} or "auto", got {scalar.show()}') from None
 
 
 def weight(scalar: Scalar) -> int | None:

@@ -190,6 +190,7 @@ class Settings:
     upstreams: Upstreams
     listen: HostPort = HostPort(host="0.0.0.0", port=8080)
     drain_timeout: float = 30.0
+    workers: int = 1  # processes serving `listen`; "auto" in the file = one per core
     admin: AdminSettings = field(default_factory=AdminSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)

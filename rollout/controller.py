@@ -19,7 +19,7 @@ from config.errors import StateCorrupt, StateError
 from config.settings import ARMS, Settings
 from rollout import engine
 from rollout.engine import Decision, Evidence, Policy
-from rollout.evidence import ArmSnapshot, OutcomeRecorder, StageCounts
+from rollout.evidence import ArmSnapshot, EvidenceSource, StageCounts
 from rollout.sprt import AnalysisState
 from rollout.state import RolloutState, Transition, stage_number, to_iso
 from rollout.store import RECENT_HISTORY, StateStore, Stored, Write, record_offline_rollback
@@ -45,7 +45,7 @@ class RolloutController:
     def __init__(
         self,
         settings: Settings,
-        recorder: OutcomeRecorder,
+        recorder: EvidenceSource,
         split: TrafficSplit,
         store: StateStore,
         *,
@@ -149,10 +149,8 @@ class RolloutController:
         now = self._clock()
         self._recorder.sweep(self._monotonic())
         self._check_external(now)
-        self._evidence = Evidence(
-            canary=self._recorder.arms["canary"].stage_counts(),
-            baseline=self._recorder.arms["baseline"].stage_counts(),
-        )
+        counts = self._recorder.stage_counts()
+        self._evidence = Evidence(canary=counts["canary"], baseline=counts["baseline"])
         self._record_series(now)
         state, analysis, decision = engine.decide(self._state, self._analysis, self._evidence, self.policy, now)
         if decision is None or self._store_corrupt:

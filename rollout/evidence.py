@@ -17,7 +17,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass
 from itertools import count
-from typing import Iterator
+from typing import Iterator, Mapping, Protocol, Sequence
 
 from config.settings import ARMS, ArmName
 
@@ -27,8 +27,12 @@ __all__ = [
     "PROMETHEUS_BUCKETS",
     "ArmRecorder",
     "ArmSnapshot",
+    "ArmTotals",
+    "EvidenceSource",
     "OutcomeRecorder",
     "StageCounts",
+    "WindowCounts",
+    "arm_snapshot",
 ]
 
 # Latency histogram bin edges (seconds): 1 ms .. 750 s, ~25% apart, so a percentile
@@ -79,6 +83,48 @@ class ArmSnapshot:
     p95: float | None
     p99: float | None
     inflight: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowCounts:
+    """One arm's sliding-window outcomes: the latency histogram over LATENCY_EDGES."""
+
+    requests: int = 0
+    errors: int = 0
+    bins: tuple[int, ...] = ()
+
+
+class ArmTotals(Protocol):
+    """One arm's cumulative totals as the Prometheus metrics read them."""
+
+    @property
+    def code_totals(self) -> Sequence[int]: ...  # by CODE_CLASSES
+
+    @property
+    def latency_totals(self) -> Sequence[int]: ...  # by LATENCY_EDGES bin
+
+    @property
+    def latency_sum(self) -> float: ...
+
+    @property
+    def inflight(self) -> int: ...
+
+
+class EvidenceSource(Protocol):
+    """What the rollout controller reads: one process's recorder, the sum of a machine's
+    workers, or (with a shared backend) the sum of every replica. `reset_stage` starts
+    new stage counters everywhere the source gathers from."""
+
+    @property
+    def arms(self) -> Mapping[ArmName, ArmTotals]: ...
+
+    def sweep(self, now: float) -> None: ...
+
+    def stage_counts(self) -> dict[ArmName, StageCounts]: ...
+
+    def snapshot(self, now: float) -> dict[ArmName, ArmSnapshot]: ...
+
+    def reset_stage(self) -> None: ...
 
 
 class _WindowBucket:
@@ -209,23 +255,32 @@ class ArmRecorder:
             requests=r, errors=e, slow_warning=w, slow_critical=c, slow_pending=self._slow_pending
         )
 
-    def snapshot(self, now: float) -> ArmSnapshot:
+    def window_counts(self, now: float) -> WindowCounts:
         current = int(now / self._span)
         live = [b for b in self._ring if current - _BUCKETS_PER_WINDOW < b.slot <= current]
-        requests = sum(b.requests for b in live)
-        errors = sum(b.errors for b in live)
-        bins = [sum(column) for column in zip(*(b.bins for b in live))] if live else []
-        return ArmSnapshot(
-            arm=self.arm,
-            stage=self.stage_counts(),
-            requests=requests,
-            errors=errors,
-            error_rate=errors / requests if requests else 0.0,
-            p50=percentile(bins, 0.50),
-            p95=percentile(bins, 0.95),
-            p99=percentile(bins, 0.99),
-            inflight=self.inflight,
+        bins = tuple(sum(column) for column in zip(*(b.bins for b in live))) if live else ()
+        return WindowCounts(
+            requests=sum(b.requests for b in live), errors=sum(b.errors for b in live), bins=bins
         )
+
+    def snapshot(self, now: float) -> ArmSnapshot:
+        return arm_snapshot(self.arm, self.stage_counts(), self.window_counts(now), self.inflight)
+
+
+def arm_snapshot(arm: ArmName, stage: StageCounts, window: WindowCounts, inflight: int) -> ArmSnapshot:
+    """An arm's figures from its stage and window counts (one process's or a sum)."""
+    requests, errors, bins = window.requests, window.errors, list(window.bins)
+    return ArmSnapshot(
+        arm=arm,
+        stage=stage,
+        requests=requests,
+        errors=errors,
+        error_rate=errors / requests if requests else 0.0,
+        p50=percentile(bins, 0.50),
+        p95=percentile(bins, 0.95),
+        p99=percentile(bins, 0.99),
+        inflight=inflight,
+    )
 
 
 def percentile(bins: list[int], q: float) -> float | None:
@@ -270,6 +325,9 @@ class OutcomeRecorder:
     def reset_stage(self) -> None:
         for recorder in self:
             recorder.reset_stage()
+
+    def stage_counts(self) -> dict[ArmName, StageCounts]:
+        return {arm: recorder.stage_counts() for arm, recorder in self.arms.items()}
 
     def snapshot(self, now: float) -> dict[ArmName, ArmSnapshot]:
         return {arm: recorder.snapshot(now) for arm, recorder in self.arms.items()}

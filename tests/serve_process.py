@@ -24,8 +24,9 @@ def write_config(path: Path, text: str) -> Path:
 
 
 class ServeProcess:
-    def __init__(self, config: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.config = config
+        self.args = args
         self.env = {**os.environ, **(env or {})}
         self.events: list[dict[str, Any]] = []
         self.proc: asyncio.subprocess.Process | None = None
@@ -35,7 +36,7 @@ class ServeProcess:
 
     async def start(self, timeout: float = 20.0) -> ServeProcess:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "-c", str(self.config),
+            sys.executable, "-m", "proxy", "serve", "-c", str(self.config), *self.args,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=self.env,
         )
         self._reader = asyncio.create_task(self._read_log())

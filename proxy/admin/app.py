@@ -24,7 +24,7 @@ from config.watch import ConfigStatus
 from proxy.front.fallback import Fallback
 from proxy.admin.metrics import MetricsSource, make_registry, render
 from rollout.controller import RolloutController
-from rollout.evidence import OutcomeRecorder
+from rollout.evidence import EvidenceSource
 from rollout.state import to_iso
 
 __all__ = ["ADMIN_SERVER", "COMMANDS", "AdminBackend", "make_admin_app", "status_document"]
@@ -51,13 +51,15 @@ class AdminBackend(Protocol):
 
     admin_token: str | None
     config: ConfigStatus
-    recorder: OutcomeRecorder
+    recorder: EvidenceSource
     controller: RolloutController | None
     fallback: Fallback
 
     def weight(self) -> int: ...
 
     def monotonic(self) -> float: ...
+
+    def workers_status(self) -> list[dict[str, Any]] | None: ...
 
 
 class BadRequest(CanaryError):
@@ -67,7 +69,11 @@ class BadRequest(CanaryError):
 def status_document(server: AdminBackend) -> dict[str, Any]:
     """CONTRACT §6 /status: the controller's view plus the config file's."""
     assert server.controller is not None
-    return {**server.controller.status(), "config": _config_document(server)}
+    document = {**server.controller.status(), "config": _config_document(server)}
+    workers = server.workers_status()
+    if workers is not None:
+        document["workers"] = workers
+    return document
 
 
 def _config_document(server: AdminBackend) -> dict[str, Any]:

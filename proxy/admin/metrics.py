@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from config.settings import ARMS
-from rollout.evidence import CODE_CLASSES, LATENCY_EDGES, PROMETHEUS_BUCKETS, ArmRecorder, OutcomeRecorder
+from rollout.evidence import CODE_CLASSES, LATENCY_EDGES, PROMETHEUS_BUCKETS, ArmTotals, EvidenceSource
 from rollout.state import STATES
 
 __all__ = ["CanaryCollector", "MetricsSource", "RELOAD_RESULTS", "histogram_buckets", "make_registry", "render"]
@@ -29,7 +29,7 @@ _BUCKET_BINS = tuple(LATENCY_EDGES.index(edge) + 1 for edge in PROMETHEUS_BUCKET
 class MetricsSource:
     """Where the figures come from, each read once per scrape."""
 
-    recorder: OutcomeRecorder
+    recorder: EvidenceSource  # one process's recorder, or the sum of the workers'
     weight: Callable[[], int]
     state: Callable[[], str]
     rollbacks: Callable[[], int]
@@ -57,7 +57,7 @@ class CanaryCollector(Collector):
         return iter(())  # names are fixed; nothing to pre-register
 
     def collect(self) -> Iterator[Metric]:
-        arms: dict[str, ArmRecorder] = dict(self.source.recorder.arms)
+        arms: dict[str, ArmTotals] = dict(self.source.recorder.arms)
         yield self._requests(arms)
         yield self._durations(arms)
         yield self._inflight()
@@ -71,7 +71,7 @@ class CanaryCollector(Collector):
         yield self._reloads()
         yield self._fallbacks()
 
-    def _requests(self, arms: dict[str, ArmRecorder]) -> Metric:
+    def _requests(self, arms: dict[str, ArmTotals]) -> Metric:
         family = CounterMetricFamily(
             "canary_requests_total",
             "Completed proxied requests by arm and status class (error: the proxy answered 502/503/504).",
@@ -82,7 +82,7 @@ class CanaryCollector(Collector):
                 family.add_metric([arm, code], float(total))
         return family
 
-    def _durations(self, arms: dict[str, ArmRecorder]) -> Metric:
+    def _durations(self, arms: dict[str, ArmTotals]) -> Metric:
         family = HistogramMetricFamily(
             "canary_request_duration_seconds",
             "Time to the upstream's response headers (time to first token for streams), by arm.",

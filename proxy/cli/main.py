@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Sequence
 
-from config.errors import ConfigError
+from config.errors import ConfigError, WorkerStartError
 from config.loader import load_settings
 
 __all__ = ["main", "build_parser"]
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the proxy and admin listeners in the foreground")
     _add_config_arg(serve, required=True)
+    serve.add_argument(
+        "--workers", type=_workers_arg, default=None, metavar="N",
+        help='processes serving the listen address (a number or "auto"; default: workers in the config)',
+    )
 
     validate = sub.add_parser("validate", help="check a config file; print ok or every problem")
     _add_config_arg(validate, required=True)
@@ -61,7 +65,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         return _validate(args.config)
     if args.command == "serve":
-        return _serve(args.config)
+        return _serve(args.config, args.workers)
     raise AssertionError(args.command)
 
 
@@ -75,7 +79,17 @@ def _validate(path: str) -> int:
     return EXIT_OK
 
 
-def _serve(path: str) -> int:
+def _workers_arg(text: str) -> int:
+    from config.loader import MAX_WORKERS, cpu_count
+
+    if text == "auto":
+        return cpu_count()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f'expected a number of processes from 1 to {MAX_WORKERS} or "auto", got {text!r}')
+    return int(text)
+
+
+def _serve(path: str, workers: int | None = None) -> int:
     try:
         settings = load_settings(path)
     except ConfigError as exc:
@@ -87,8 +101,8 @@ def _serve(path: str) -> int:
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
     _install_uvloop()
     try:
-        asyncio.run(CanaryServer(settings).run_until_signalled())
-    except OSError as exc:
+        asyncio.run(CanaryServer(settings, workers=workers).run_until_signalled())
+    except (OSError, WorkerStartError) as exc:
         print(f"canary serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     return EXIT_OK

@@ -15,7 +15,7 @@ import signal
 import ssl
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import structlog
 from aiohttp import web
@@ -30,8 +30,9 @@ from proxy.front.tls import ListenerTls
 from proxy.upstream.pool import UpstreamClients
 from proxy.front.fallback import Fallback
 from proxy.front.forward import ProxyState, make_proxy_server
+from proxy.front.workers import WorkerPool
 from rollout.controller import RolloutController
-from rollout.evidence import OutcomeRecorder
+from rollout.evidence import EvidenceSource, OutcomeRecorder
 from rollout.store import JsonFileStore
 
 __all__ = ["CanaryServer", "token_path"]
@@ -52,16 +53,24 @@ def series_step(interval: float) -> float:
 
 
 class CanaryServer:
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    """`workers` (default: `settings.workers`) > 1 makes this process the supervisor of
+    that many proxy worker processes (`proxy.front.workers`); 1 serves in-process."""
+
+    def __init__(
+        self, settings: Settings, *, clock: Callable[[], float] = time.time, workers: int | None = None
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self.config = ConfigStatus(path=str(settings.source) if settings.source else None, loaded_at=clock())
         self.admin_token = settings.admin.token
-        self.recorder = OutcomeRecorder(
+        self._local = OutcomeRecorder(
             window=settings.analysis.window,
             warn_limit=settings.analysis.latency.p95_warning,
             crit_limit=settings.analysis.latency.p99_critical,
         )
+        count = settings.workers if workers is None else workers
+        self.pool = WorkerPool(settings, count) if count > 1 else None
+        self.recorder: EvidenceSource = self.pool.evidence if self.pool else self._local
         self.router = Router(RoutingSnapshot.from_settings(settings.routing, 0))
         self.fallback = Fallback(settings.routing.fallback, body_timeout=settings.upstreams.canary.timeout.total)
         self.upstreams: UpstreamClients | None = None
@@ -77,10 +86,16 @@ class CanaryServer:
 
     def weight(self) -> int:
         """The weight the proxy listener applies now."""
-        return self.router.snapshot.weight
+        return self.pool.weight() if self.pool else self.router.snapshot.weight
+
+    def workers_status(self) -> list[dict[str, Any]] | None:
+        """Each worker process (slot, pid, restarts, requests); None with one process."""
+        return self.pool.status() if self.pool else None
 
     def monotonic(self) -> float:
         """The proxy listener's clock (0 before it started)."""
+        if self.pool:
+            return asyncio.get_running_loop().time()
         return self.proxy_state.clock() if self.proxy_state else 0.0
 
     # -- start / stop -------------------------------------------------------------
@@ -91,15 +106,16 @@ class CanaryServer:
         loop = asyncio.get_running_loop()
         self._ensure_token()
         self.tls = ListenerTls(self.settings.tls) if self.settings.tls else None
-        self.upstreams = UpstreamClients(self.settings.upstreams)
-        self.proxy_state = ProxyState(
-            router=self.router, recorder=self.recorder, transports=self.upstreams.transports, clock=loop.time,
-            fallback=self.fallback,
-        )
+        if self.pool is None:
+            self.upstreams = UpstreamClients(self.settings.upstreams)
+            self.proxy_state = ProxyState(
+                router=self.router, recorder=self._local, transports=self.upstreams.transports, clock=loop.time,
+                fallback=self.fallback,
+            )
         self.controller = RolloutController(
             self.settings,
             recorder=self.recorder,
-            split=self.router,
+            split=self.pool or self.router,
             store=JsonFileStore(self.settings.state.path),
             clock=self.clock,
             monotonic=loop.time,
@@ -107,16 +123,19 @@ class CanaryServer:
         )
         try:
             await self._bind()
+            self.controller.start()
+            if self.pool:  # each worker starts at the loaded weight
+                await self.pool.start()
         except BaseException:
             await self.stop(quiet=True)
             raise
-        self.controller.start()
         self._started.set()
         log.info(
             "serving",
+            workers=self.pool.count if self.pool else 1,
             proxy=f"{'https' if self.tls else 'http'}://{self.settings.listen.host}:{self.proxy_port}",
             admin=f"http://{self.settings.admin.listen.host}:{self.admin_port}",
-            weight=self.router.snapshot.weight,
+            weight=self.weight(),
             config=self.config.path,
         )
 
@@ -124,11 +143,13 @@ class CanaryServer:
         admin_app = make_admin_app(self)
         admin_app.cleanup_ctx.append(self._tick_ctx)
         drain = {"handle_signals": False, "shutdown_timeout": self.settings.drain_timeout}
-        # The proxy runs on aiohttp's low-level server (no URL dispatch on the hot path).
-        proxy_runner = web.ServerRunner(make_proxy_server(self.proxy_state, access_log=None), **drain)
+        if self.pool:  # the workers serve the proxy listener
+            self.proxy_port = self.pool.bind()
+        else:  # the low-level server: no URL dispatch on the hot path
+            proxy_runner = web.ServerRunner(make_proxy_server(self.proxy_state, access_log=None), **drain)
+            tls = self.tls.context if self.tls else None
+            self.proxy_port = await self._listen(proxy_runner, self.settings.listen.host, self.settings.listen.port, tls)
         admin_runner = web.AppRunner(admin_app, access_log=None, **drain)
-        tls = self.tls.context if self.tls else None
-        self.proxy_port = await self._listen(proxy_runner, self.settings.listen.host, self.settings.listen.port, tls)
         self.admin_port = await self._listen(admin_runner, self.settings.admin.listen.host, self.settings.admin.listen.port)
 
     async def _listen(self, runner: web.BaseRunner, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
@@ -143,6 +164,11 @@ class CanaryServer:
         Every step runs even if an earlier one failed: a shutdown always finishes."""
         if not quiet:
             log.info("draining", timeout=self.settings.drain_timeout)
+        if self.pool is not None:
+            try:
+                await self.pool.stop()
+            except Exception:
+                log.exception("shutdown_step_failed", step="workers")
         for runner in self._runners:
             try:
                 await runner.cleanup()
@@ -203,6 +229,8 @@ class CanaryServer:
                 # (shorter) analysis.interval applies at once.
                 if now - last_analysis >= self.settings.analysis.interval:
                     last_analysis = now
+                    if self.pool:  # the workers' counts, fresh for this decision
+                        await self.pool.collect(timeout=min(0.5, self.settings.analysis.interval / 2))
                     self.controller.tick()
                 self._poll_config(now)
             except Exception:  # the tick must survive anything; the error is logged
@@ -250,9 +278,13 @@ class CanaryServer:
         self._apply_tls(fresh)
         if fresh.logging != old.logging:
             log.warning("logging_change_needs_restart", level=fresh.logging.level, format=fresh.logging.format)
+        if fresh.workers != old.workers:
+            log.warning("workers_change_needs_restart", workers=fresh.workers)
         if fresh.admin.token and fresh.admin.token != self.admin_token:
             self.admin_token = fresh.admin.token
-        self.recorder.configure(
+        if self.pool:
+            self.pool.reconfigure(fresh)
+        self._local.configure(
             window=fresh.analysis.window,
             warn_limit=fresh.analysis.latency.p95_warning,
             crit_limit=fresh.analysis.latency.p99_critical,
