@@ -20,6 +20,7 @@ from yaml.nodes import MappingNode
 from config.errors import ConfigError, Problem
 from config.tls_files import check_tls_files
 from config.sizes import SIZE_EXAMPLES, parse_size
+from config.workers import WORKERS_HINT, worker_count
 from config.schema import (
     Invalid,
     Reader,
@@ -57,7 +58,7 @@ from config.settings import (
     WebSocketSettings,
 )
 
-__all__ = ["MAX_WORKERS", "cpu_count", "format_problems", "load_settings", "parse_settings", "workers"]
+__all__ = ["format_problems", "load_settings", "parse_settings"]
 
 _ACTIONS = ("pause", "step_back", "rollback")
 _positive = duration(positive=True)
@@ -388,25 +389,14 @@ def path_prefix(scalar: Scalar) -> str:
     return text
 
 
-MAX_WORKERS = 256
-
-
-def cpu_count() -> int:
-    """The cores this process may run on (what `workers: auto` means)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def workers(scalar: Scalar) -> int:
     """A number of processes 1..256, or "auto" for one per core."""
-    if string_text(scalar) == "auto":
-        return cpu_count()
-    try:
-        return integer(1, MAX_WORKERS)(scalar)
-    except Invalid:
-        raise Invalid(f'expected a number of processes from 1 to {MAX_WORKERS} or "auto", got {scalar.show()}') from None
+    value = scalar.value
+    text = str(value) if type(value) is int else string_text(scalar)
+    count = worker_count(text) if text is not None else None
+    if count is None:
+        raise Invalid(f"{WORKERS_HINT}, got {scalar.show()}")
+    return count
 
 
 def weight(scalar: Scalar) -> int | None:

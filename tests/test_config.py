@@ -320,7 +320,7 @@ def test_wrong_values_name_the_key_and_the_fix(tmp_path: Path, line: str, messag
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     assert problems(tmp_path, MINIMAL + "listn: ':80'\n") == [
-        "6: listn: unknown key (expected one of: upstreams, listen, drain_timeout, admin, routing,"
+        "6: listn: unknown key (expected one of: upstreams, listen, drain_timeout, workers, admin, routing,"
         " rollout, analysis, state, logging, tls)",
     ]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from config.errors import ConfigError
-from config.loader import cpu_count, format_problems, load_settings
+from config.loader import format_problems, load_settings
+from config.workers import cpu_count
 from tests.admin_support import run_cli
 
 UPSTREAMS = """upstreams:

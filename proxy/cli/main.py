@@ -80,13 +80,12 @@ def _validate(path: str) -> int:
 
 
 def _workers_arg(text: str) -> int:
-    from config.loader import MAX_WORKERS, cpu_count
+    from config.workers import WORKERS_HINT, worker_count
 
-    if text == "auto":
-        return cpu_count()
-    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f'expected a number of processes from 1 to {MAX_WORKERS} or "auto", got {text!r}')
-    return int(text)
+    count = worker_count(text)
+    if count is None:
+        raise argparse.ArgumentTypeError(f"{WORKERS_HINT}, got {text!r}")
+    return count
 
 
 def _serve(path: str, workers: int | None = None) -> int:
