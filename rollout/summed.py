@@ -50,16 +50,20 @@ class ArmReport:
 class WorkerReport:
     stage_id: int  # the supervisor's stage the `stage` counts belong to
     arms: Mapping[ArmName, ArmReport] = field(default_factory=dict)
+    counters: Mapping[str, int] = field(default_factory=dict)  # other cumulative counts by name
 
     @property
     def requests(self) -> int:
         return sum(sum(arm.code_totals) for arm in self.arms.values())
 
 
-def report_of(recorders: Mapping[ArmName, ArmRecorder], stage_id: int, now: float) -> WorkerReport:
-    """A worker's report from its own recorders (after `sweep`)."""
+def report_of(
+    recorders: Mapping[ArmName, ArmRecorder], stage_id: int, now: float, counters: Mapping[str, int]
+) -> WorkerReport:
+    """A worker's report from its own recorders (after `sweep`) and other counters."""
     return WorkerReport(
         stage_id=stage_id,
+        counters=dict(counters),
         arms={
             arm: ArmReport(
                 stage=recorder.stage_counts(),
@@ -126,6 +130,7 @@ class SummedEvidence:
         self._live: dict[int, WorkerReport] = {}  # worker slot -> its newest report
         self._retired_totals = {arm: ArmSum() for arm in ARMS}
         self._retired_stage = {arm: StageCounts() for arm in ARMS}  # exited workers, this stage
+        self._retired_counters: dict[str, int] = {}
 
     # -- from the worker pool ---------------------------------------------------------
     def receive(self, slot: int, report: WorkerReport) -> None:
@@ -136,6 +141,8 @@ class SummedEvidence:
         report = self._live.pop(slot, None)
         if report is None:
             return
+        for name, value in report.counters.items():
+            self._retired_counters[name] = self._retired_counters.get(name, 0) + value
         for arm, counts in report.arms.items():
             self._retired_totals[arm] = self._retired_totals[arm].plus(counts, live=False)
             if report.stage_id == self.stage_id:
@@ -144,6 +151,14 @@ class SummedEvidence:
     def requests_of(self, slot: int) -> int:
         report = self._live.get(slot)
         return report.requests if report else 0
+
+    def counters(self) -> dict[str, int]:
+        """The other cumulative counters (e.g. fallbacks by kind), summed, never backwards."""
+        sums = dict(self._retired_counters)
+        for report in self._live.values():
+            for name, value in report.counters.items():
+                sums[name] = sums.get(name, 0) + value
+        return sums
 
     # -- EvidenceSource ---------------------------------------------------------------
     @property

@@ -249,3 +249,28 @@ async def test_reload_and_rollback_act_on_every_worker(tmp_path, upstreams, cana
     assert result.code == 0, result.err
     await until_async(headers, lambda seen: seen == {"baseline": 30}, timeout=3)
     assert (await admin_get(proxy, "/status"))["state"] == "rolled_back"
+
+
+async def test_fallbacks_in_every_worker_add_up_in_metrics(tmp_path, upstreams):
+    upstreams["canary"].app[STATS].fail_ratio = 0.5
+    config = two_workers(control_config(tmp_path / "canary.yaml", upstreams, weight=50))
+    edit(config, "logging: {", "routing: {fallback: {enabled: true, on: [5xx]}}\nlogging: {")
+    async with supervisor(config) as server:
+        fell_back = 0
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as client:
+            for _ in range(100):
+                async with client.get(url(server, "/echo")) as response:
+                    assert response.status == 200  # the baseline answered instead
+                    fell_back += "X-Canary-Fallback" in response.headers
+
+        async def fallbacks_metric() -> float:
+            async with aiohttp.ClientSession() as admin:
+                async with admin.get(f"http://127.0.0.1:{server.admin_port}/metrics") as response:
+                    text = await response.text()
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("canary_fallbacks_total{"))
+
+        await until_async(fallbacks_metric, lambda total: total == fell_back, timeout=5)
+        each = served_by_each(server)
+    assert fell_back > 5 and min(each) > 0, (fell_back, each)

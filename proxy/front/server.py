@@ -30,6 +30,7 @@ from proxy.front.tls import ListenerTls
 from proxy.upstream.pool import UpstreamClients
 from proxy.front.fallback import Fallback
 from proxy.front.forward import ProxyState, make_proxy_server
+from proxy.front.worker import summed_fallbacks
 from proxy.front.workers import WorkerPool
 from rollout.controller import RolloutController
 from rollout.evidence import EvidenceSource, OutcomeRecorder
@@ -231,6 +232,7 @@ class CanaryServer:
                     last_analysis = now
                     if self.pool:  # the workers' counts, fresh for this decision
                         await self.pool.collect(timeout=min(0.5, self.settings.analysis.interval / 2))
+                        summed_fallbacks(self.pool.evidence.counters(), into=self.fallback)
                     self.controller.tick()
                 self._poll_config(now)
             except Exception:  # the tick must survive anything; the error is logged

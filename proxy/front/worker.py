@@ -23,6 +23,7 @@ from aiohttp import web
 
 from config.settings import Settings
 from proxy.front.channel import Hello, Ready, Reconfigure, Sync, receive, send
+from proxy.front.fallback import Fallback
 from proxy.front.forward import ProxyState, make_proxy_server
 from proxy.front.routing import Router, RoutingSnapshot
 from proxy.front.tls import ListenerTls
@@ -31,7 +32,7 @@ from proxy.upstream.pool import UpstreamClients
 from rollout.evidence import OutcomeRecorder
 from rollout.summed import WorkerReport, report_of
 
-__all__ = ["ProxyWorker", "install_uvloop", "main"]
+__all__ = ["ProxyWorker", "fallback_counters", "install_uvloop", "main", "summed_fallbacks"]
 
 log = structlog.get_logger("canary.worker")
 
@@ -49,11 +50,13 @@ class ProxyWorker:
         )
         self.router = Router(RoutingSnapshot.from_settings(hello.settings.routing, hello.weight))
         self.upstreams = UpstreamClients(hello.settings.upstreams)
+        self.fallback = Fallback(hello.settings.routing.fallback, body_timeout=hello.settings.upstreams.canary.timeout.total)
         self.state = ProxyState(
             router=self.router,
             recorder=self.recorder,
             transports=self.upstreams.transports,
             clock=asyncio.get_running_loop().time,
+            fallback=self.fallback,
         )
         self.tls = ListenerTls(hello.settings.tls) if hello.settings.tls else None
         server = make_proxy_server(self.state, access_log=None)
@@ -85,7 +88,7 @@ class ProxyWorker:
     def report(self) -> WorkerReport:
         now = self.state.clock()
         self.recorder.sweep(now)
-        return report_of(self.recorder.arms, self.stage_id, now)
+        return report_of(self.recorder.arms, self.stage_id, now, counters=fallback_counters(self.fallback))
 
     def reconfigure(self, fresh: Settings) -> None:
         old = self.settings
@@ -94,6 +97,7 @@ class ProxyWorker:
             window=analysis.window, warn_limit=analysis.latency.p95_warning, crit_limit=analysis.latency.p99_critical
         )
         self.router.set_routing(fresh.routing)
+        self.fallback.configure(fresh.routing.fallback, body_timeout=fresh.upstreams.canary.timeout.total)
         if self.tls is not None and fresh.tls is not None:  # on/off needs a restart
             self.tls.load(fresh.tls)
         if fresh.upstreams != old.upstreams:
@@ -154,6 +158,21 @@ async def _serve_channel(
                 worker.reconfigure(message.settings)
     finally:
         stopped.cancel()
+
+
+_FALLBACK = "fallback:"
+
+
+def fallback_counters(fallback: Fallback) -> dict[str, int]:
+    """A worker's fallback counts as report counters (`fallback:KIND`)."""
+    return {_FALLBACK + kind: count for kind, count in fallback.counts.items()}
+
+
+def summed_fallbacks(counters: dict[str, int], into: Fallback) -> None:
+    """The supervisor forwards nothing itself: its `Fallback` shows the workers' sums."""
+    for name, count in counters.items():
+        if name.startswith(_FALLBACK):
+            into.counts[name.removeprefix(_FALLBACK)] = count  # type: ignore[index]
 
 
 def install_uvloop() -> None:
