@@ -253,6 +253,7 @@ def _analysis(section: Section) -> AnalysisSettings:
             on_warning=choice(*_ACTIONS),
             on_critical=choice(*_ACTIONS),
             compare_baseline=boolean,
+            beta=fraction,
         ),
     )
 

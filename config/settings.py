@@ -158,6 +158,7 @@ class AnalysisSettings:
     on_warning: Action = "step_back"
     on_critical: Action = "rollback"
     compare_baseline: bool = True
+    beta: float = 0.05  # chance of promoting a canary that errs exactly at a threshold
 
 
 @dataclass(frozen=True, kw_only=True)

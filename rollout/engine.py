@@ -15,7 +15,7 @@ from config.settings import Action
 from rollout.evidence import StageCounts
 from rollout.policy import Evidence, Policy
 from rollout.sprt import AnalysisState, advance
-from rollout.state import RolloutState, Severity, State, Transition, Trigger
+from rollout.state import Level, RolloutState, Severity, State, Transition, Trigger
 from rollout.verdict import RANK, Verdict, assess, judge
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "initial_state",
     "pause",
     "promote",
+    "promotion_due",
     "reload",
     "reset",
     "resume",
@@ -56,11 +57,11 @@ def decide(
     if target is not None:
         verdict = judge(analysis, evidence, policy, state.weight)
         new, decision = _act(state, target, verdict, now)
-    elif level == "ok" and _promotion_due(state, evidence, policy, now):
+    elif promotion_due(state, level, evidence, policy, now):
         verdict = judge(analysis, evidence, policy, state.weight)
         reason = (
             f"stage at {state.weight}% healthy for {now - state.stage_started_at:.0f}s "
-            f"with {evidence.canary.requests} canary requests"
+            f"with {evidence.canary.requests} canary requests ({verdict.reasons[0]})"
         )
         new, decision = _promote(state, policy, now, "auto", reason, verdict.figures)
     else:
@@ -103,10 +104,14 @@ def _act(
     )
 
 
-def _promotion_due(state: RolloutState, evidence: Evidence, policy: Policy, now: float) -> bool:
+def promotion_due(state: RolloutState, level: Level, evidence: Evidence, policy: Policy, now: float) -> bool:
+    """The one promotion rule: state `progressing`, auto_promote on, `bake` and
+    `rollout.min_requests` met at the stage, and a healthy verdict (`ok`: every judged rate
+    shown below its threshold, no signal open)."""
     return (
         state.state == "progressing"
         and policy.auto_promote
+        and level == "ok"
         and now - state.stage_started_at >= policy.bake
         and evidence.canary.requests >= policy.min_requests
     )

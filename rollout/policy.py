@@ -33,12 +33,15 @@ class Policy:
     on_critical: Action = "rollback"
     compare_baseline: bool = True
     alpha: float = 0.01
+    beta: float = 0.05  # level of the confidence sequences behind promotion
     compare_alpha: float = 1e-5
     plan: AnalysisPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.stages or list(self.stages) != sorted(set(self.stages)):
             raise ValueError(f"stages must be increasing, got {self.stages}")
+        if not 0.0 < self.beta < 1.0:
+            raise ValueError(f"beta must be in (0, 1), got {self.beta}")
         plan = AnalysisPlan.build(
             error_warning=self.error_warning,
             error_critical=self.error_critical,
@@ -62,6 +65,7 @@ class Policy:
             on_warning=analysis.on_warning,
             on_critical=analysis.on_critical,
             compare_baseline=analysis.compare_baseline,
+            beta=analysis.beta,
         )
 
     def next_stage(self, weight: int) -> int | None:

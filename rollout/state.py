@@ -29,7 +29,7 @@ __all__ = [
 
 State = Literal["progressing", "paused", "manual", "rolled_back", "promoted"]
 Trigger = Literal["auto", "operator", "config"]
-Level = Literal["ok", "insufficient_data", "warning", "critical"]
+Level = Literal["insufficient_data", "inconclusive", "ok", "warning", "critical"]
 Severity = Literal["warning", "critical"]
 STATES: tuple[State, ...] = get_args(State)
 TRIGGERS: tuple[Trigger, ...] = get_args(Trigger)

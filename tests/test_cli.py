@@ -27,7 +27,7 @@ async def test_status_prints_a_readable_summary_and_json(canary):
     for line_start in ("baseline", "canary"):
         assert any(line.startswith(line_start) and "%" in line for line in text.splitlines()), text
     assert "error rate" in text and "p95" in text and "p99" in text
-    assert "verdict  INSUFFICIENT DATA" in text and "SPRT score/threshold" in text
+    assert "verdict  INSUFFICIENT DATA" in text and "score/boundary" in text and "anytime CI" in text
     assert "last transitions" in text and "first start: stage 1 at 5%" in text
 
     as_json = await run_cli("status", "--json", "--admin", proxy.admin_url)

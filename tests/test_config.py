@@ -300,6 +300,7 @@ upstreams:
          "analysis.errors.warning: must be greater than 0 and less than 1, got 1"),
         ("analysis: {compare_baseline: 'true'}",
          "analysis.compare_baseline: expected true or false, got 'true'"),
+        ("analysis: {beta: 0}", "analysis.beta: must be greater than 0 and less than 1, got 0"),
         ("admin: {listen: '::1:80'}",
          "admin.listen: IPv6 addresses need brackets, e.g. \"[::1]:8080\", got '::1:80'"),
         ("listen: 8080", "listen: expected HOST:PORT such as \"127.0.0.1:8080\" or \"[::1]:8080\", got 8080"),

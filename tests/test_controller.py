@@ -158,8 +158,8 @@ def test_a_restart_keeps_the_bake_clock(tmp_path: Path) -> None:
     later = rig(tmp_path, start=False)
     later.clock.now = T0 + 3600
     later.controller.start()
-    for _ in range(5):
-        later.traffic(canary=(10, 0))
+    for _ in range(5):  # enough healthy requests to show every rate below its threshold
+        later.traffic(canary=(100, 0), baseline=(1900, 20))
         transition = later.tick()
     assert transition is not None and transition.action == "promote"
 
@@ -280,7 +280,7 @@ def test_status_has_the_contract_fields(tmp_path: Path) -> None:
     for arm in ("baseline", "canary"):
         assert {"requests", "errors", "error_rate", "p50", "p95", "p99", "stage"} <= set(status["arms"][arm])
     assert status["arms"]["canary"]["requests"] == 10 and status["arms"]["canary"]["error_rate"] == 0.1
-    assert {"level", "reasons", "evidence"} == set(status["verdict"])
+    assert {"level", "reasons", "tests", "evidence"} == set(status["verdict"])
     assert len(r.controller.history()) == 61
 
 

@@ -104,7 +104,7 @@ async def test_demo_rolls_back_a_failing_canary_and_says_why(tmp_path: Path) -> 
 
     assert code == 0, err
     assert re.search(r"^Result:\s+ROLLED BACK", out, re.M), out
-    why = re.search(r"canary error rate (\d+\.\d)% \((\d+)/(\d+)\) past errors\.critical 10%", out)
+    why = re.search(r"canary error rate (\d+\.\d)% \((\d+)/(\d+), CI [^)]*\) past errors\.critical 10%", out)
     assert why, out
     assert 15 < float(why.group(1)) < 60 and int(why.group(3)) >= 20  # measured, above min_requests
     assert re.search(r"^Measured:\s+canary +\d+ requests at this stage, \d+ errors", out, re.M), out

@@ -30,7 +30,7 @@ def rs(state: str, weight: int, latched: str | None = None, **kw: Any) -> Rollou
     return RolloutState(state=state, weight=weight, stage_started_at=T0, latched=latched, **kw)  # type: ignore[arg-type]
 
 
-def signals(*names: str, canary: tuple[int, int] = (200, 2), baseline: tuple[int, int] = (4000, 40),
+def signals(*names: str, canary: tuple[int, int] = (1000, 10), baseline: tuple[int, int] = (4000, 40),
             excursion: tuple[int, int] = (2000, 80)) -> tuple[AnalysisState, Evidence]:
     """An analysis with exactly `names` open, already up to date with the evidence.
     The default error excursion (4% over 2000) rules the critical level out."""
@@ -114,7 +114,7 @@ def test_an_automatic_action_records_the_figures_behind_it() -> None:
     assert figures["tests"]["errors.critical"]["open"] and figures["tests"]["errors.critical"]["threshold"] > 0
     assert figures["thresholds"]["errors.critical"] == 0.10
     assert figures["comparison"]["error_rate_diff"] == pytest.approx(0.29)
-    assert "canary error rate 30.0% (60/200)" in decision.transition.reason
+    assert "canary error rate 30.0% (60/200, CI" in decision.transition.reason
 
 
 def test_a_shared_outage_is_reported_in_the_verdict_but_not_acted_on() -> None:
@@ -154,7 +154,7 @@ def test_a_latched_action_does_not_repeat_but_a_worse_one_still_fires() -> None:
         ({"on_critical": "step_back"}, "warning that could be critical", ("step_back", "paused", 5)),
         ({"compare_baseline": False}, "shared outage", ROLLBACK),
         ({"auto_promote": False}, "healthy, baked", None),
-        ({"min_requests": 500}, "healthy, baked", None),
+        ({"min_requests": 5000}, "healthy, baked", None),
         ({"stages": (10, 30, 100)}, "healthy, baked", ("promote", "progressing", 30)),
     ],
 )
@@ -195,7 +195,7 @@ def test_a_slow_canary_whose_requests_finish_below_p99_is_stepped_back() -> None
     analysis, evidence = _slow(pending=4)
     new, _, decision = decide(rs("progressing", 25), analysis, evidence, POLICY, BAKED)
     assert decision is not None and (decision.transition.action, new.weight) == ("step_back", 5)
-    assert "canary requests over 5s 15.0% (30/200) past latency.p95_warning" in decision.transition.reason
+    assert "canary requests over 5s 15.0% (30/200, CI 8.5%–23.5%) past latency.p95_warning" in decision.transition.reason
 
 
 def test_a_warning_that_could_be_critical_waits_for_the_critical_test() -> None:

@@ -119,26 +119,56 @@ def _evidence(evidence: Mapping[str, Any]) -> list[str]:
                 f"({_percent(figures['error_rate'])}), {figures.get('slow_warning', 0)} over the p95 limit, "
                 f"{figures.get('slow_critical', 0)} over the p99 limit"
             )
-    comparison = evidence.get("comparison") or {}
-    if "error_rate_diff" in comparison:
-        low, high = comparison.get("ci95") or (None, None)
-        lines.append(
-            f"  canary − baseline error rate {comparison['error_rate_diff'] * 100:+.2f}% "
-            f"(95% CI {_percent(low)} .. {_percent(high)}), confidence the canary is worse "
-            f"{comparison.get('confidence_worse', 0) * 100:.0f}%"
-            + ("" if comparison.get("required") else " (comparison not required)")
-        )
+    lines.extend(_comparison(evidence.get("comparison") or {}))
     tests = evidence.get("tests") or {}
     if tests:
-        scores = [
-            f"{name} {test['score']:.1f}/{test['threshold']:.1f}{' OPEN' if test.get('open') else ''}"
-            for name, test in tests.items()
-        ]
-        lines.append("  SPRT score/threshold: " + ", ".join(scores))
+        lines.append(f"  {'test':22}{'stage estimate':>15}  {'anytime CI':<17}{'limit':>7}  {'score/boundary':<16}")
+        lines.extend(_test_row(name, test) for name, test in tests.items())
     thresholds = evidence.get("thresholds") or {}
     if thresholds:
         lines.append("  thresholds: " + ", ".join(f"{key} {value:g}" for key, value in thresholds.items()))
     return lines
+
+
+def _comparison(comparison: Mapping[str, Any]) -> list[str]:
+    if "error_rate_diff" not in comparison:
+        return []
+    text = f"  canary − baseline error rate {comparison['error_rate_diff'] * 100:+.2f}%"
+    if comparison.get("ci95"):
+        low, high = comparison["ci95"]
+        text += (
+            f" (95% CI {_percent(low)} .. {_percent(high)}), confidence the canary is worse "
+            f"{(comparison.get('confidence_worse') or 0) * 100:.0f}%"
+        )
+    else:
+        text += " (no interval: an arm has no requests at this stage)"
+    return [text + ("" if comparison.get("required") else " (comparison not required)")]
+
+
+def _test_row(name: str, test: Mapping[str, Any]) -> str:
+    """One test: the stage estimate and its anytime-valid interval beside the score."""
+    ci = test.get("ci")
+    interval = f"{_percent(ci[0])} .. {_percent(ci[1])}" if ci else "-"
+    limit = test.get("limit", test.get("expected"))
+    marks = [mark for key, mark in (("open", "OPEN"), ("below", "shown below"), ("above", "shown above")) if test.get(key)]
+    return (
+        f"  {name:22}{_percent(test.get('estimate')):>15}  {interval:<17}{_percent(limit):>7}  "
+        f"{test.get('score', 0):.1f}/{test.get('threshold', 0):.1f}".ljust(84) + " ".join(marks)
+    ).rstrip()
+
+
+def _decision_figures(evidence: Mapping[str, Any]) -> str:
+    """The figures an automatic decision was taken on, one line under it in the history."""
+    parts = []
+    for name, test in (evidence.get("tests") or {}).items():
+        if name.startswith("compare.") or test.get("estimate") is None:
+            continue
+        ci = test.get("ci") or (None, None)
+        parts.append(
+            f"{name} {_percent(test['estimate'])} [{_percent(ci[0])}..{_percent(ci[1])}] "
+            f"score {test.get('score', 0):.1f}/{test.get('threshold', 0):.1f}"
+        )
+    return "; ".join(parts)
 
 
 def _history(history: list[Mapping[str, Any]]) -> str:
@@ -150,4 +180,7 @@ def _history(history: list[Mapping[str, Any]]) -> str:
             f"  {_clock(item['at'])}  {item['action']:<10} {item['trigger']:<8} "
             f"{item['from_weight']:>3}% → {item['weight']:>3}%  {item['state']:<12} {item.get('reason', '')}"
         )
+        figures = _decision_figures(item.get("evidence") or {}) if item.get("trigger") == "auto" else ""
+        if figures:
+            lines.append(f"{'':23}figures: {figures}")
     return "\n".join(lines)

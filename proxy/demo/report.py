@@ -173,7 +173,7 @@ def _figures(evidence: Mapping[str, Any]) -> list[str]:
 def _comparison(evidence: Mapping[str, Any]) -> list[str]:
     comparison = evidence.get("comparison")
     canary, baseline = evidence["canary"], evidence["baseline"]
-    if not comparison or not baseline["requests"] or not (canary["errors"] or baseline["errors"]):
+    if not comparison or not comparison.get("ci95") or not (canary["errors"] or baseline["errors"]):
         return []
     low, high = comparison["ci95"]
     return [

@@ -107,9 +107,10 @@ function renderEvidence(evidence) {
     return `${arm} ${f.errors ?? 0}/${f.requests ?? 0} errors (${pct(f.error_rate)})`;
   });
   const noData = !((evidence.canary || {}).requests);
+  const interval = c.ci95 ? ` (95% CI ${pct(c.ci95[0])} … ${pct(c.ci95[1])}), confidence canary is worse ${pct(c.confidence_worse, 0)}` :
+    " (no interval: an arm has no requests at this weight)";
   const diff = c.error_rate_diff == null || noData ? " · no canary requests at this weight yet" :
-    ` · canary − baseline ${(c.error_rate_diff * 100).toFixed(2)} points (95% CI ${pct((c.ci95 || [])[0])} … ${pct((c.ci95 || [])[1])}),` +
-    ` confidence canary is worse ${pct(c.confidence_worse, 0)}${c.required ? "" : " (comparison not required)"}`;
+    ` · canary − baseline ${(c.error_rate_diff * 100).toFixed(2)} points${interval}${c.required ? "" : " (comparison not required)"}`;
   $("comparison").textContent = arms.join(" · ") + diff;
   const rows = Object.entries(evidence.tests || {}).map(([name, test]) => {
     const row = el("tr");
@@ -119,15 +120,18 @@ function renderEvidence(evidence) {
     bar.append(fill);
     const cell = el("td");
     cell.append(bar);
-    row.append(el("td", name), el("td", `${test.score.toFixed(2)} / ${test.threshold.toFixed(2)}`), cell,
-      el("td", test.open ? "OPEN" : "closed", test.open ? "crit" : ""));
+    const ci = test.ci ? `${pct(test.ci[0])} … ${pct(test.ci[1])}` : "—";
+    const shown = test.open ? "OPEN" : test.above ? "shown above" : test.below ? "shown below" : "closed";
+    row.append(el("td", name), el("td", test.estimate == null ? "—" : pct(test.estimate)), el("td", ci),
+      el("td", pct(test.limit ?? test.expected)), el("td", `${test.score.toFixed(2)} / ${test.threshold.toFixed(2)}`), cell,
+      el("td", shown, test.open || test.above ? "crit" : test.below ? "ok" : ""));
     return row;
   });
   $("tests").replaceChildren(...rows);
   const t = evidence.thresholds || {};
   $("thresholds").textContent = `Thresholds: error rate warning ${pct(t["errors.warning"], 1)}, critical ${pct(t["errors.critical"], 1)} · ` +
     `p95 warning ${secs(t["latency.p95_warning"])} · p99 critical ${secs(t["latency.p99_critical"])} · ` +
-    `verdicts after ${t["analysis.min_requests"] ?? "?"} canary requests (sequential tests: a test acts when its score reaches its threshold)`;
+    `verdicts after ${t["analysis.min_requests"] ?? "?"} canary requests (sequential tests: a test acts when its score reaches its boundary; promotion needs every rate's anytime ${pct(1 - (t["analysis.beta"] ?? 0.05), 0)} upper bound below its limit)`;
 }
 
 function renderHistory(history) {
