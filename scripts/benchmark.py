@@ -3,6 +3,7 @@
     python scripts/benchmark.py             # full run, ~2.5 minutes
     python scripts/benchmark.py --quick     # ~1 minute: 3 s per server, one round
     python scripts/benchmark.py --duration 15 --clients lean --json out.json
+    python scripts/benchmark.py --workers-compare --clients lean   # --workers 1 vs 2 only
 
 What runs (each server one process; proxies pinned to core 0, upstream and load to core 1):
 
@@ -262,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--builtin-upstream", action="store_true", help="use the built-in upstream even with nginx")
     parser.add_argument("--builtin-load", action="store_true", help="use the built-in load generator even with wrk")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--workers-compare", action="store_true",
+        help="only compare `canary serve --workers 1` with `--workers 2` (the first of --clients; ~1 minute)",
+    )
     return parser
 
 
@@ -281,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setaffinity(0, {bench.load_core})  # the batch clients run in this process
         bench.results.machine.update(_machine(args))
         try:
+            if args.workers_compare:
+                return _workers_compare(bench, args)
             results = bench.run()
         except KeyboardInterrupt:
             print("interrupted; stopping the servers", file=sys.stderr)
@@ -290,6 +297,24 @@ def main(argv: list[str] | None = None) -> int:
     print_report(results)
     if args.json:
         args.json.write_text(json.dumps(asdict(results), indent=2, default=str))
+    return 0
+
+
+def _workers_compare(bench: Benchmark, args: argparse.Namespace) -> int:
+    """One worker against two (scripts/bench_workers.py); the load is not pinned."""
+    from bench_workers import compare_workers, print_workers
+
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    bench.load_core = None
+    baseline, canary, _pid = bench.start_upstream()
+    rows = compare_workers(
+        bench.children, bench.dir, upstream=(baseline, canary), client=args.clients[0], load=bench.load,
+        connections=args.connections, seconds=args.duration / args.rounds, rounds=args.rounds,
+    )
+    print(json.dumps(bench.results.machine))
+    print_workers(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": bench.results.machine, "workers": [asdict(r) for r in rows]}, indent=2))
     return 0
 
 
