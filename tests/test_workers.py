@@ -53,11 +53,12 @@ async def fresh_connections(url: str, count: int) -> list[tuple[int, str]]:
 
 
 @contextlib.asynccontextmanager
-async def traffic(url: str, *, concurrency: int = 8) -> AsyncIterator[list[int | str]]:
-    """Requests in a loop, each on a new connection, until the block ends: the statuses
-    (or the error's name)."""
+async def traffic(url: str, *, concurrency: int = 8, fresh: bool = False) -> AsyncIterator[list[int | str]]:
+    """Requests in a loop until the block ends, on `concurrency` keep-alive connections
+    (the kernel spreads them over the workers) or each on a new one: the statuses (or
+    the error's name)."""
     outcomes: list[int | str] = []
-    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    connector = aiohttp.TCPConnector(force_close=fresh, limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as client:
         async def loop() -> None:
             while True:
@@ -101,12 +102,13 @@ async def test_two_workers_judge_the_sum_and_roll_back_a_30_percent_error_canary
 
 async def test_two_workers_walk_a_healthy_canary_through_every_stage(tmp_path, upstreams):
     config = two_workers(rollout_config(tmp_path, upstreams))
-    async with supervisor(config) as server, traffic(url(server)):
+    write_config(config, config.read_text().replace("stages: [5, 25, 50, 100]", "stages: [20, 50, 100]"))
+    async with supervisor(config) as server, traffic(url(server), concurrency=16):
         await until(lambda: server.controller.state.state == "promoted", timeout=60, what="promotion")
         answers = await fresh_connections(url(server, "/echo"), 40)
         each = served_by_each(server)
         history = server.controller.history()
-    assert [t["weight"] for t in history if t["action"] == "promote"] == [25, 50, 100, 100]
+    assert [t["weight"] for t in history if t["action"] == "promote"] == [50, 100, 100]
     assert len(each) == 2 and min(each) > 0, each  # both workers served the rollout
     assert _arms(answers) == {"canary": 40}
 
@@ -156,7 +158,7 @@ async def test_a_killed_worker_is_restarted_the_other_serves_and_nothing_is_lost
     config = two_workers(control_config(tmp_path / "canary.yaml", upstreams, weight=50))
     scrapes: list[float] = []
     with capture_logs() as logs:
-        async with supervisor(config) as server, traffic(url(server), concurrency=8) as outcomes:
+        async with supervisor(config) as server, traffic(url(server), concurrency=8, fresh=True) as outcomes:
             await until(lambda: min(served_by_each(server)) >= 20, timeout=10, what="both workers serving")
             before = (server.controller.state, server.controller.history())
             victim = server.workers_status()[0]
@@ -274,3 +276,13 @@ async def test_fallbacks_in_every_worker_add_up_in_metrics(tmp_path, upstreams):
         await until_async(fallbacks_metric, lambda total: total == fell_back, timeout=5)
         each = served_by_each(server)
     assert fell_back > 5 and min(each) > 0, (fell_back, each)
+
+
+async def test_workers_whose_supervisor_is_killed_drain_and_exit(tmp_path, upstreams, canary):
+    """No orphan keeps serving a stale weight once nobody decides any more."""
+    proxy = await canary(two_workers(control_config(tmp_path / "canary.yaml", upstreams, weight=50)))
+    pids = worker_pids(proxy)
+    assert len(pids) == 2
+    await proxy.kill()  # SIGKILL: the supervisor cannot tell anyone
+    await until(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids),
+                timeout=10, what="both workers gone")
