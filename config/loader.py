@@ -45,6 +45,7 @@ from config.settings import (
     LatencyThresholds,
     LoggingSettings,
     PoolSettings,
+    RedisSettings,
     RetrySettings,
     RolloutSettings,
     RoutingSettings,
@@ -56,6 +57,7 @@ from config.settings import (
     UpstreamSettings,
     Upstreams,
     WebSocketSettings,
+    redact_url,
 )
 
 __all__ = ["format_problems", "load_settings", "parse_settings"]
@@ -208,6 +210,7 @@ def _rollout(section: Section) -> RolloutSettings:
         min_requests=integer(0),
         auto_promote=boolean,
         weight=weight,
+        name=_rollout_name,
     )
     stages = _stages(section)
     if stages is not None:
@@ -261,7 +264,58 @@ def _analysis(section: Section) -> AnalysisSettings:
 def _state(section: Section, base_dir: Path) -> StateSettings:
     path = section.value("path", string(empty_ok=False), default=str(StateSettings().path))
     resolved = Path(path).expanduser()
-    return StateSettings(path=Path(os.path.abspath(base_dir / resolved)))
+    redis_section = section.section("redis", RedisSettings)
+    redis = RedisSettings(
+        **redis_section.fields(url=redis_url, key_prefix=_key_prefix, timeout=_positive)
+    )
+    return StateSettings(
+        path=Path(os.path.abspath(base_dir / resolved)),
+        redis=redis,
+        **section.fields(backend=choice("file", "redis")),
+    )
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _rollout_name(scalar: Scalar) -> str:
+    """A Redis key part: letters, digits, `_ . -` (no `:` — it separates key parts)."""
+    text = string_text(scalar)
+    if text is None or not _NAME.fullmatch(text):
+        raise Invalid(f"expected 1-64 letters, digits, '_', '.' or '-' such as \"checkout\", got {scalar.show()}")
+    return text
+
+
+def _key_prefix(scalar: Scalar) -> str:
+    text = string_text(scalar)
+    if text is None or not _NAME.fullmatch(text):
+        raise Invalid(f"expected 1-64 letters, digits, '_', '.' or '-' such as \"canary\", got {scalar.show()}")
+    return text
+
+
+def redis_url(scalar: Scalar) -> str:
+    """redis://[[user]:password@]host[:port][/db] or rediss://...; a bad value is shown
+    with its password hidden."""
+    text = string_text(scalar)
+    if text is None:
+        raise Invalid(f"expected a URL such as redis://127.0.0.1:6379/0, got {scalar.show()}")
+    text = text.strip()
+    shown = repr(redact_url(text))
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss"):
+        raise Invalid(f"must start with redis:// or rediss://, got {shown}")
+    try:
+        parts.port
+    except ValueError:
+        raise Invalid(f"has an invalid port, got {shown}") from None
+    if not parts.hostname:
+        raise Invalid(f"has no host, got {shown}")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise Invalid(f"the path must be a database number such as /0, got {shown}")
+    if parts.query or parts.fragment or any(char.isspace() for char in text):
+        raise Invalid(f"must not have a query, fragment or spaces, got {shown}")
+    return text
 
 
 def _tls(top: Section, base_dir: Path) -> TlsSettings | None:

@@ -34,7 +34,9 @@ __all__ = [
     "RolloutSettings",
     "RoutingSettings",
     "Settings",
+    "RedisSettings",
     "StateSettings",
+    "redact_url",
     "StickyKey",
     "TimeoutSettings",
     "TlsSettings",
@@ -134,6 +136,7 @@ class RolloutSettings:
     min_requests: int = 100
     auto_promote: bool = True
     weight: int | None = None  # a pinned weight (state `manual`)
+    name: str = "default"  # names this rollout in a shared state backend (Redis keys)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,8 +171,20 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RedisSettings:
+    """`state.redis`: where replicas share one rollout (CONTRACT §7). `url` may hold a
+    password (from ${VAR}): show it only through `redact_url`."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "canary"
+    timeout: float = 1.0  # one Redis call
+
+
+@dataclass(frozen=True, kw_only=True)
 class StateSettings:
     path: Path = Path("var/canary-state.json")  # made absolute by the loader
+    backend: Literal["file", "redis"] = "file"
+    redis: RedisSettings = field(default_factory=RedisSettings)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,3 +215,13 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     tls: TlsSettings | None = None  # None: plain HTTP on `listen`
     source: Path | None = None  # the file these settings were loaded from
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password (and user name) replaced by `***`: for logs and /status."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    credentials, at, host = authority.rpartition("@")
+    return f"{scheme}://{'***@' if at and credentials else ''}{host}{slash}{tail}"
