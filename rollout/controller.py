@@ -54,8 +54,10 @@ class RolloutController:
         logger: Any = None,
         series_step: float = 5.0,
         series_span: float = 600.0,
+        gate: Callable[[Transition], bool] | None = None,
     ) -> None:
         self._recorder, self._split, self._store = recorder, split, store
+        self._gate = gate  # a shared rollout: may this replica take this automatic step?
         self._clock, self._monotonic = clock, monotonic
         self._log = logger if logger is not None else structlog.get_logger("canary.rollout")
         self.policy = Policy.from_settings(settings.rollout, settings.analysis)
@@ -153,10 +155,14 @@ class RolloutController:
         self._evidence = Evidence(canary=counts["canary"], baseline=counts["baseline"])
         self._record_series(now)
         state, analysis, decision = engine.decide(self._state, self._analysis, self._evidence, self.policy, now)
-        if decision is None or self._store_corrupt:
+        if decision is None or self._store_corrupt or (self._gate and not self._gate(decision.transition)):
             self._analysis = analysis
             return None
         return decision.transition if self._commit(state, decision) else None
+
+    def refresh(self) -> None:
+        """Pick up a change stored by another writer now (a shared backend's notification)."""
+        self._check_external(self._clock())
 
     def apply_settings(self, settings: Settings) -> None:
         """Hot reload: new policy; a changed `rollout.weight` acts like set-weight."""

@@ -41,11 +41,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from config.errors import StateCorrupt, StateError
-from config.settings import RedisSettings, redact_url
+from config.settings import RedisSettings, Settings, redact_url
 from rollout.state import RolloutState, Transition
-from rollout.store import RECENT_HISTORY, Change, Stored, Write
+from rollout.store import RECENT_HISTORY, Change, JsonFileStore, StateStore, Stored, Write
 
-__all__ = ["RedisKeys", "RedisLink", "RedisStore", "RedisUnreachable"]
+__all__ = ["RedisKeys", "RedisLink", "RedisStore", "RedisUnreachable", "offline_store"]
 
 T = TypeVar("T")
 log = structlog.get_logger("canary.redis")
@@ -141,12 +141,16 @@ class RedisLink:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="canary-redis", daemon=True)
         self._thread.start()
+        self._closed = False
         self.client: Redis = Redis.from_url(
             settings.url, socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
             retry=Retry(NoBackoff(), 0), decode_responses=True,
         )
 
     def submit(self, call: Callable[[Redis], Awaitable[T]]) -> concurrent.futures.Future[T]:
+        if self._closed:
+            raise RedisUnreachable(f"Redis at {self.url}: the connection is closed (the proxy is stopping)")
+
         async def run() -> T:
             return await asyncio.wait_for(call(self.client), self.timeout * 2)
 
@@ -155,7 +159,7 @@ class RedisLink:
     def call(self, call: Callable[[Redis], Awaitable[T]]) -> T:
         """Run `call` and wait for it; RedisUnreachable when Redis does not answer."""
         try:
-            return self.submit(call).result()
+            return self.submit(call).result(self.timeout * 2 + 1)
         except (RedisError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
             raise self.unreachable(exc) from exc
 
@@ -174,6 +178,10 @@ class RedisLink:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
         async def shut() -> None:
             await self.client.aclose()
 
@@ -201,7 +209,7 @@ class RedisStore:
     # -- StateStore ----------------------------------------------------------------------
     def load(self) -> Stored | None:
         if not self._known:
-            raise self.link.unreachable(RuntimeError(self.error or "not read yet"))
+            raise RedisUnreachable(self.error or f"Redis at {self.link.url} was not read yet")
         return self._mirror
 
     def prime(self) -> None:
@@ -219,7 +227,7 @@ class RedisStore:
 
     def update(self, change: Change) -> Stored | None:
         if self.error is not None or not self._known:
-            return self._refuse(change, self.link.unreachable(RuntimeError(self.error or "not read yet")))
+            return self._refuse(change, RedisUnreachable(self.error or f"Redis at {self.link.url} was not read yet"))
         try:
             for _attempt in range(3):
                 current = self._mirror
@@ -328,6 +336,22 @@ class RedisStore:
         if self._mirror is not None and self._mirror.state == state:
             return
         self._mirror = Stored(state=state, history=self.known_history, version=("revision", state.revision))
+
+
+def offline_store(settings: Settings) -> tuple[StateStore, str, Callable[[], None]]:
+    """The configured store for a write without a running proxy (`canary rollback -c
+    FILE`): the store, where it is (for messages, no password) and how to close it."""
+    state = settings.state
+    if state.backend == "file":
+        return JsonFileStore(state.path), str(state.path), lambda: None
+    link = RedisLink(state.redis)
+    store = RedisStore(link, RedisKeys.of(state.redis.key_prefix, settings.rollout.name))
+    try:
+        store.prime()
+    except StateError:
+        link.close()
+        raise
+    return store, f"Redis at {link.url} ({store.keys.base}*)", link.close
 
 
 def _encode(transition: Transition) -> str:

@@ -73,6 +73,9 @@ def status_document(server: AdminBackend) -> dict[str, Any]:
     workers = server.workers_status()
     if workers is not None:
         document["workers"] = workers
+    replica = getattr(server, "replica", None)
+    if replica is not None:  # state.backend: redis (CONTRACT §7)
+        document.update(replica.status())
     return document
 
 

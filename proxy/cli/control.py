@@ -272,12 +272,13 @@ def _offline_rollback(target: AdminTarget, reason: str, why: str) -> int:
         print(f"canary rollback: {why}\nto record a rollback with the proxy down, pass -c FILE", file=sys.stderr)
         return EXIT_RUNTIME
     from rollout.controller import record_offline_rollback
-    from rollout.store import JsonFileStore
+    from rollout.redis_store import offline_store
 
-    path = target.settings.state.path
+    close: Callable[[], None] = lambda: None
     try:
+        store, path, close = offline_store(target.settings)
         stored = record_offline_rollback(
-            JsonFileStore(path),
+            store,
             reason=reason or "operator rollback (recorded in the state store)",
             now=time.time(),
             config_weight=target.settings.rollout.weight,
@@ -285,6 +286,8 @@ def _offline_rollback(target: AdminTarget, reason: str, why: str) -> int:
     except StateError as exc:
         print(f"canary rollback: {why}, and the state store refused the rollback: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    finally:
+        close()
     print(
         f"{why}; rollback recorded in {path} (state {stored.state.state}, weight {stored.state.weight}%):\n"
         f"the next start serves weight 0, and a running proxy applies it within a tick"

@@ -34,7 +34,9 @@ from proxy.front.worker import summed_fallbacks
 from proxy.front.workers import WorkerPool
 from rollout.controller import RolloutController
 from rollout.evidence import EvidenceSource, OutcomeRecorder
-from rollout.store import JsonFileStore
+from rollout.redis_store import RedisKeys, RedisLink, RedisStore
+from rollout.replica import Replica, SharedEvidence
+from rollout.store import JsonFileStore, StateStore
 
 __all__ = ["CanaryServer", "token_path"]
 
@@ -77,6 +79,7 @@ class CanaryServer:
         self.upstreams: UpstreamClients | None = None
         self.proxy_state: ProxyState | None = None
         self.controller: RolloutController | None = None
+        self.replica: Replica | None = None  # state.backend: redis
         self.tls: ListenerTls | None = None
         self._watcher = ConfigWatcher(settings.source) if settings.source else None
         self._pending_since: float | None = None
@@ -113,17 +116,24 @@ class CanaryServer:
                 router=self.router, recorder=self._local, transports=self.upstreams.transports, clock=loop.time,
                 fallback=self.fallback,
             )
+        store: StateStore = JsonFileStore(self.settings.state.path)
+        evidence = self.recorder
+        if self.settings.state.backend == "redis":
+            store, evidence = self._join_replicas(loop.time)
         self.controller = RolloutController(
             self.settings,
-            recorder=self.recorder,
+            recorder=evidence,
             split=self.pool or self.router,
-            store=JsonFileStore(self.settings.state.path),
+            store=store,
             clock=self.clock,
             monotonic=loop.time,
             series_step=series_step(self.settings.analysis.interval),
+            gate=self.replica.allows if self.replica else None,
         )
         try:
             await self._bind()
+            if self.replica:
+                await self._first_exchange()
             self.controller.start()
             if self.pool:  # each worker starts at the loaded weight
                 await self.pool.start()
@@ -139,6 +149,27 @@ class CanaryServer:
             weight=self.weight(),
             config=self.config.path,
         )
+
+    def _join_replicas(self, monotonic: Callable[[], float]) -> tuple[StateStore, EvidenceSource]:
+        """`state.backend: redis`: the shared store, and the evidence summed over replicas."""
+        redis = self.settings.state.redis
+        link = RedisLink(redis)
+        store = RedisStore(link, RedisKeys.of(redis.key_prefix, self.settings.rollout.name))
+        self.replica = Replica(
+            self.settings, link, store, state_of=lambda: self.controller.state, local=self.recorder,
+            clock=self.clock, monotonic=monotonic,
+        )
+        return store, SharedEvidence(self.recorder, self.replica)
+
+    async def _first_exchange(self) -> None:
+        """Read the shared state before serving it; unreachable: weight 0 until it answers."""
+        assert self.replica is not None and self.controller is not None
+        if not await self.replica.exchange():
+            log.error(
+                "redis_unreachable_at_start", url=self.replica.link.url, error=self.replica.store.error,
+                weight=0, detail="serving the baseline only until Redis answers",
+            )
+        self.replica.listen(self.controller.refresh)
 
     async def _bind(self) -> None:
         admin_app = make_admin_app(self)
@@ -182,6 +213,9 @@ class CanaryServer:
             except Exception:
                 log.exception("shutdown_step_failed", step="upstream clients")
             self.upstreams = None
+        if self.replica is not None:  # after the listeners: the tick loop has stopped
+            await asyncio.to_thread(self.replica.close)
+            self.replica = None
         if not quiet:
             log.info("stopped")
 
@@ -233,6 +267,8 @@ class CanaryServer:
                     if self.pool:  # the workers' counts, fresh for this decision
                         await self.pool.collect(timeout=min(0.5, self.settings.analysis.interval / 2))
                         summed_fallbacks(self.pool.evidence.counters(), into=self.fallback)
+                    if self.replica:  # this replica's counts out, everyone's in: one round trip
+                        await self.replica.exchange()
                     self.controller.tick()
                 self._poll_config(now)
             except Exception:  # the tick must survive anything; the error is logged
