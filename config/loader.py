@@ -211,11 +211,26 @@ def _rollout(section: Section) -> RolloutSettings:
         auto_promote=boolean,
         weight=weight,
         name=_rollout_name,
+        shadow=duration(positive=False),
+        shadow_share=integer(1, 100),
     )
     stages = _stages(section)
     if stages is not None:
         found["stages"] = stages
+    methods = section.items("shadow_methods", http_method, expected="HTTP methods such as [GET, HEAD]")
+    if methods == []:
+        section.problem("shadow_methods", "must list at least one method, e.g. [GET, HEAD]")
+    elif methods is not None:
+        found["shadow_methods"] = tuple(dict.fromkeys(item.value for item in methods))
     return RolloutSettings(**found)
+
+
+def http_method(scalar: Scalar) -> str:
+    """An HTTP method name (a token), upper-cased: GET, HEAD, POST..."""
+    text = string_text(scalar)
+    if text is None or not _TOKEN.fullmatch(text.strip()):
+        raise Invalid(f"expected an HTTP method such as GET, got {scalar.show()}")
+    return text.strip().upper()
 
 
 def _stages(section: Section) -> tuple[int, ...] | None:

@@ -137,6 +137,9 @@ class RolloutSettings:
     auto_promote: bool = True
     weight: int | None = None  # a pinned weight (state `manual`)
     name: str = "default"  # names this rollout in a shared state backend (Redis keys)
+    shadow: float = 0.0  # > 0: mirror traffic to the canary this long before the first stage
+    shadow_share: int = 100  # percent of eligible requests mirrored during shadow
+    shadow_methods: tuple[str, ...] = ("GET", "HEAD")
 
 
 @dataclass(frozen=True, kw_only=True)

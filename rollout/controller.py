@@ -38,6 +38,10 @@ class TrafficSplit(Protocol):
 
     def set_weight(self, weight: int) -> None: ...
 
+    def set_shadow(self, active: bool) -> None:
+        """Mirror copies of eligible requests to the canary (state `shadow`) or not."""
+        ...
+
 
 class RolloutController:
     """Ticks the engine, persists and applies its decisions, answers status."""
@@ -110,7 +114,10 @@ class RolloutController:
             "reason": state.reason,
             "latched": state.latched,
             "stage_started_at": to_iso(state.stage_started_at),
-            "bake": {"elapsed": round(max(0.0, now - state.stage_started_at), 3), "required": self.policy.bake},
+            "bake": {
+                "elapsed": round(max(0.0, now - state.stage_started_at), 3),
+                "required": self.policy.bake_for(state.state),
+            },
             "arms": {arm: _arm_status(snapshots[arm]) for arm in ARMS},
             "verdict": self.verdict().to_json(),
             "history": [transition.to_json() for transition in self._history],
@@ -144,6 +151,7 @@ class RolloutController:
                 self._adopt(stored, "loaded", route=False)
                 self._apply_config(now)
         self._split.set_weight(self._state.weight)
+        self._sync_shadow()
         self._new_stage()
 
     def tick(self) -> Transition | None:
@@ -260,6 +268,8 @@ class RolloutController:
         self._history = [*self._history, transition][-STATUS_HISTORY:]
         if move and moved:
             self._split.set_weight(state.weight)
+        if move:
+            self._sync_shadow()
         if new_stage:
             self._new_stage()
         if transition.action == "rollback":
@@ -292,6 +302,8 @@ class RolloutController:
         if route and moved:
             self._split.set_weight(0)
             self._new_stage()
+        if route:
+            self._sync_shadow()
 
     def _adopt(self, stored: Stored, why: str, *, route: bool = True) -> None:
         before = self._state
@@ -304,6 +316,8 @@ class RolloutController:
         if route and moved:
             self._split.set_weight(stored.state.weight)
             self._new_stage()
+        if route:
+            self._sync_shadow()
         self._log.info(
             "rollout_state_adopted", why=why, state=stored.state.state, weight=stored.state.weight,
             revision=stored.state.revision,
@@ -329,6 +343,7 @@ class RolloutController:
                 self._store_corrupt, self.store_error = False, None
                 self._first_start(now)
                 self._split.set_weight(self._state.weight)
+                self._sync_shadow()
             elif self._state.revision:
                 self._resave()
             return
@@ -349,6 +364,9 @@ class RolloutController:
         if stored is not None and stored.state == replace(self._state, revision=stored.state.revision):
             self._state = stored.state  # ours, with its new revision
         self._version = _UNKNOWN
+
+    def _sync_shadow(self) -> None:
+        self._split.set_shadow(self._state.state == "shadow")
 
     def _new_stage(self) -> None:
         self._recorder.reset_stage()

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 Step = tuple[RolloutState, "Decision | None"]
+_SHADOW_TEXT = "shadow at 0%: copies of requests go to the canary, every client gets the baseline"
 Figures = Mapping[str, Any] | None
 
 
@@ -59,14 +60,18 @@ def decide(
         new, decision = _act(state, target, verdict, now)
     elif promotion_due(state, level, evidence, policy, now):
         verdict = judge(analysis, evidence, policy, state.weight)
-        reason = (
-            f"stage at {state.weight}% healthy for {now - state.stage_started_at:.0f}s "
-            f"with {evidence.canary.requests} canary requests ({verdict.reasons[0]})"
-        )
+        reason = f"{_healthy_for(state, evidence, now)} ({verdict.reasons[0]})"
         new, decision = _promote(state, policy, now, "auto", reason, verdict.figures)
     else:
         return state, analysis, None
     return new, AnalysisState() if decision.new_stage else analysis, decision
+
+
+def _healthy_for(state: RolloutState, evidence: Evidence, now: float) -> str:
+    elapsed = now - state.stage_started_at
+    if state.state == "shadow":
+        return f"shadow healthy for {elapsed:.0f}s with {evidence.canary.requests} mirrored canary requests"
+    return f"stage at {state.weight}% healthy for {elapsed:.0f}s with {evidence.canary.requests} canary requests"
 
 
 def _counts(counts: StageCounts) -> tuple[int, int, int, int]:
@@ -82,6 +87,8 @@ def _automatic_target(
     if RANK[confirmed] <= RANK[state.latched]:
         return None
     action = policy.action_for(confirmed)
+    if state.state == "shadow" and action != "rollback":
+        return None  # no user sees the canary yet: a shadow that is not healthy just waits
     if action == "rollback":
         to_state, weight = "rolled_back", 0
     elif action == "step_back":
@@ -105,14 +112,14 @@ def _act(
 
 
 def promotion_due(state: RolloutState, level: Level, evidence: Evidence, policy: Policy, now: float) -> bool:
-    """The one promotion rule: state `progressing`, auto_promote on, `bake` and
-    `rollout.min_requests` met at the stage, and a healthy verdict (`ok`: every judged rate
-    shown below its threshold, no signal open)."""
+    """The one promotion rule: state `progressing` (or `shadow`), auto_promote on, `bake`
+    (in shadow: `rollout.shadow`) and `rollout.min_requests` met at the stage, and a healthy
+    verdict (`ok`: every judged rate shown below its threshold, no signal open)."""
     return (
-        state.state == "progressing"
+        state.state in ("progressing", "shadow")
         and policy.auto_promote
         and level == "ok"
-        and now - state.stage_started_at >= policy.bake
+        and now - state.stage_started_at >= policy.bake_for(state.state)
         and evidence.canary.requests >= policy.min_requests
     )
 
@@ -179,6 +186,11 @@ def initial_state(
             now=now, reason=f"first start: rollout.weight pins {config_weight}%",
             new_stage=True, config_weight=config_weight,
         )
+    if policy.shadow > 0:
+        return _move(
+            blank, action="start", trigger="config", to_state="shadow", weight=0, now=now,
+            reason=f"first start: {_SHADOW_TEXT}", new_stage=True,
+        )
     first = policy.stages[0]
     return _move(
         blank, action="start", trigger="config", to_state="progressing", weight=first, now=now,
@@ -214,9 +226,15 @@ def resume(
     reason: str = "", trigger: Trigger = "operator", evidence: Figures = None,
 ) -> Step:
     """Continue the plan from the current weight with a fresh bake; after a rollback (or
-    at 0, where no evidence can accrue) restart at the first stage."""
-    if state.state in ("progressing", "promoted"):
+    at 0, where no evidence can accrue) restart at the first stage — at 0 with a shadow
+    configured, in shadow again."""
+    if state.state in ("shadow", "progressing", "promoted"):
         return state, None
+    if state.state != "rolled_back" and not state.weight and policy.shadow > 0:
+        return _move(
+            state, action="resume", trigger=trigger, to_state="shadow", weight=0, now=now,
+            reason=reason or f"{trigger} resume: {_SHADOW_TEXT}", evidence=evidence, new_stage=True,
+        )
     weight = state.weight if state.state != "rolled_back" and state.weight else policy.stages[0]
     return _move(
         state, action="resume", trigger=trigger, to_state="progressing", weight=weight, now=now,
@@ -241,7 +259,12 @@ def reset(
     state: RolloutState, policy: Policy, now: float, *,
     reason: str = "", trigger: Trigger = "operator", evidence: Figures = None,
 ) -> Step:
-    """Start the plan again from the first stage."""
+    """Start the plan again from the first stage (from shadow, when one is configured)."""
+    if policy.shadow > 0:
+        return _move(
+            state, action="reset", trigger=trigger, to_state="shadow", weight=0, now=now,
+            reason=reason or f"{trigger} reset: {_SHADOW_TEXT}", evidence=evidence, new_stage=True,
+        )
     first = policy.stages[0]
     return _move(
         state, action="reset", trigger=trigger, to_state="progressing", weight=first, now=now,

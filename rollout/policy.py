@@ -22,6 +22,7 @@ class Policy:
 
     stages: tuple[int, ...] = (5, 25, 50, 100)
     bake: float = 600.0
+    shadow: float = 0.0  # > 0: mirrored traffic only, this long, before the first stage
     min_requests: int = 100
     auto_promote: bool = True
     analysis_min_requests: int = 20
@@ -55,6 +56,7 @@ class Policy:
         return cls(
             stages=tuple(rollout.stages),
             bake=rollout.bake,
+            shadow=rollout.shadow,
             min_requests=rollout.min_requests,
             auto_promote=rollout.auto_promote,
             analysis_min_requests=analysis.min_requests,
@@ -67,6 +69,10 @@ class Policy:
             compare_baseline=analysis.compare_baseline,
             beta=analysis.beta,
         )
+
+    def bake_for(self, state: str) -> float:
+        """The time a stage must last before promotion; the shadow stage lasts `shadow`."""
+        return self.shadow if state == "shadow" else self.bake
 
     def next_stage(self, weight: int) -> int | None:
         return next((stage for stage in self.stages if stage > weight), None)

@@ -27,7 +27,7 @@ __all__ = [
     "to_iso",
 ]
 
-State = Literal["progressing", "paused", "manual", "rolled_back", "promoted"]
+State = Literal["shadow", "progressing", "paused", "manual", "rolled_back", "promoted"]
 Trigger = Literal["auto", "operator", "config"]
 Level = Literal["insufficient_data", "inconclusive", "ok", "warning", "critical"]
 Severity = Literal["warning", "critical"]

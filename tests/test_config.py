@@ -197,7 +197,7 @@ analysis:
         "8: upstreams.canary.pool.max_keepalive: must not exceed max_connections (2), got 5",
         "10: routing.paths[1]: expected a path prefix starting with \"/\", got 'api'",
         "12: rollout.min_requests: expected an integer, got 2.5",
-        "14: rollout.weigth: unknown key (expected one of: stages, bake, min_requests, auto_promote, weight, name)",
+        "14: rollout.weigth: unknown key (expected one of: stages, bake, min_requests, auto_promote, weight, name, shadow, shadow_share, shadow_methods)",
         "16: analysis.errors.warning: must not exceed critical (0.1), got 0.2",
         "17: analysis.on_critical: must be one of pause, step_back, rollback, got 'explode'",
     ]

@@ -48,6 +48,10 @@ class RecordingSplit:
     store: JsonFileStore
     recorder: OutcomeRecorder
     calls: list[tuple[int, int | None, int]] = field(default_factory=list)
+    shadow: bool = False  # whether the proxy is told to mirror to the canary
+
+    def set_shadow(self, active: bool) -> None:
+        self.shadow = active
 
     def set_weight(self, weight: int) -> None:
         try:

@@ -66,6 +66,7 @@ async def test_metrics_match_the_traffic_sent(canary, upstreams):
         "canary_requests": "counter", "canary_request_duration_seconds": "histogram",
         "canary_inflight_requests": "gauge", "canary_weight_percent": "gauge", "canary_rollout_state": "gauge",
         "canary_rollbacks": "counter", "canary_config_reloads": "counter", "canary_fallbacks": "counter",
+        "canary_shadow_requests": "counter", "canary_shadow_dropped": "counter",
     }
     for (arm, code), expected in EXPECTED_CODES.items():
         assert value(samples, "canary_requests_total", arm=arm, code=code) == expected, (arm, code)
@@ -83,6 +84,9 @@ async def test_metrics_match_the_traffic_sent(canary, upstreams):
     assert value(samples, "canary_config_reloads_total", result="ok") == 0
     # routing.fallback is off: the two canary 504s reached their clients
     assert [value(samples, "canary_fallbacks_total", kind=k) for k in ("connect", "timeout", "5xx")] == [0, 0, 0]
+    # no shadow stage: nothing mirrored, nothing dropped
+    assert value(samples, "canary_shadow_requests_total") == 0
+    assert value(samples, "canary_shadow_dropped_total", reason="queue_full") == 0
 
 
 async def test_metrics_follow_inflight_rollbacks_and_reloads(canary, upstreams):

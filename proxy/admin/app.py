@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from config.errors import CanaryError, StateCorrupt, StateError
 from config.watch import ConfigStatus
 from proxy.front.fallback import Fallback
+from proxy.front.shadow import Mirror
 from proxy.admin.metrics import MetricsSource, make_registry, render
 from rollout.controller import RolloutController
 from rollout.evidence import EvidenceSource
@@ -54,6 +55,7 @@ class AdminBackend(Protocol):
     recorder: EvidenceSource
     controller: RolloutController | None
     fallback: Fallback
+    mirror: Mirror
 
     def weight(self) -> int: ...
 
@@ -70,6 +72,10 @@ def status_document(server: AdminBackend) -> dict[str, Any]:
     """CONTRACT §6 /status: the controller's view plus the config file's."""
     assert server.controller is not None
     document = {**server.controller.status(), "config": _config_document(server)}
+    shadow = server.controller.policy.shadow
+    document["shadow"] = {
+        "active": document["state"] == "shadow", "duration": shadow, **server.mirror.status()
+    }
     workers = server.workers_status()
     if workers is not None:
         document["workers"] = workers
@@ -248,6 +254,8 @@ def _metrics_source(server: AdminBackend) -> MetricsSource:
         reloads=lambda: {"ok": server.config.reloads_ok, "rejected": server.config.reloads_failed},
         monotonic=server.monotonic,
         fallbacks=lambda: server.fallback.counts,
+        shadow_mirrored=lambda: server.mirror.sent,
+        shadow_dropped=lambda: server.mirror.dropped,
     )
 
 

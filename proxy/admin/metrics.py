@@ -36,6 +36,8 @@ class MetricsSource:
     reloads: Callable[[], dict[str, int]]  # RELOAD_RESULTS -> count
     monotonic: Callable[[], float]
     fallbacks: Callable[[], Mapping[str, int]] = dict  # kind -> canary requests replayed on the baseline
+    shadow_mirrored: Callable[[], int] = int  # copies sent to the canary during shadow
+    shadow_dropped: Callable[[], Mapping[str, int]] = dict  # reason -> copies not sent
 
 
 def histogram_buckets(latency_totals: Sequence[int]) -> list[tuple[str, float]]:
@@ -70,6 +72,7 @@ class CanaryCollector(Collector):
         yield rollbacks
         yield self._reloads()
         yield self._fallbacks()
+        yield from self._shadow()
 
     def _requests(self, arms: dict[str, ArmTotals]) -> Metric:
         family = CounterMetricFamily(
@@ -127,6 +130,22 @@ class CanaryCollector(Collector):
         for kind, total in self.source.fallbacks().items():
             family.add_metric([kind], float(total))
         return family
+
+
+    def _shadow(self) -> Iterator[Metric]:
+        mirrored = CounterMetricFamily(
+            "canary_shadow_requests", "Copies of requests sent to the canary during the shadow stage (answers discarded)."
+        )
+        mirrored.add_metric([], float(self.source.shadow_mirrored()))
+        yield mirrored
+        dropped = CounterMetricFamily(
+            "canary_shadow_dropped",
+            "Copies not sent to the canary, by reason (queue_full, body_too_large, pool_exhausted).",
+            labels=["reason"],
+        )
+        for reason, total in self.source.shadow_dropped().items():
+            dropped.add_metric([reason], float(total))
+        yield dropped
 
 
 def make_registry(source: MetricsSource) -> CollectorRegistry:

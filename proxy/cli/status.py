@@ -68,6 +68,11 @@ def _header(status: Mapping[str, Any], admin_url: str) -> str:
         f"bake     {format_duration(bake.get('elapsed'))} of {format_duration(bake.get('required'))} at this weight",
         f"reason   {status.get('reason') or '-'}",
     ]
+    shadow = status.get("shadow") or {}
+    if shadow.get("duration") or shadow.get("mirrored"):
+        dropped = sum((shadow.get("dropped") or {}).values())
+        when = "mirroring now" if shadow.get("active") else f"{format_duration(shadow.get('duration'))} before stage 1"
+        lines.append(f"shadow   {shadow.get('mirrored', 0)} copies mirrored, {dropped} dropped ({when})")
     store_error = (status.get("store") or {}).get("error")
     if store_error:
         lines.append(f"STATE STORE PROBLEM: {store_error}")

@@ -34,6 +34,7 @@ class Hello:
     settings: Settings
     weight: int
     stage_id: int
+    shadow: bool = False  # state `shadow`: mirror copies to the canary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,7 @@ class Sync:
     weight: int
     stage_id: int
     report: bool
+    shadow: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,6 +27,7 @@ from proxy.upstream.base import Transport, UpstreamResponse
 from proxy.front.fallback import FALLBACK_HEADER, BodyNotKept, Fallback, FallbackNeeded, failure_kind
 from proxy.front.headers import client_response_headers, upstream_request_headers
 from proxy.front.routing import Router
+from proxy.front.shadow import Mirror
 from rollout.evidence import ArmRecorder, OutcomeRecorder
 
 __all__ = ["PROXY_SERVER_OPTIONS", "ProxyHandler", "ProxyState", "forward", "make_proxy_handler", "make_proxy_server"]
@@ -49,6 +50,7 @@ class ProxyState:
         transports: dict[ArmName, Transport],
         clock: Callable[[], float],
         fallback: Fallback | None = None,
+        mirror: Mirror | None = None,
     ) -> None:
         self.router = router
         self.recorder = recorder
@@ -56,6 +58,7 @@ class ProxyState:
         self.transports = transports
         self.clock = clock
         self.fallback = fallback or Fallback(FallbackSettings())
+        self.mirror = mirror  # copies to the canary during the shadow stage
 
 
 def make_proxy_handler(state: ProxyState) -> ProxyHandler:
@@ -100,6 +103,9 @@ async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamR
         body = request.content.iter_any()
     if arm == "canary" and state.fallback.enabled:
         return await _forward_with_fallback(request, state, headers, body)
+    snapshot = router.snapshot
+    if snapshot.shadow and arm == "baseline" and state.mirror is not None and state.mirror.wants(request, snapshot):
+        body = state.mirror.offer(request, _target(request), headers, body)
     return await _exchange(request, state, arm, headers, body)
 
 

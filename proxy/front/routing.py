@@ -36,6 +36,7 @@ class RoutingSnapshot:
     sticky_key: StickyKey | None
     force_header: str
     arm_header: str
+    shadow: bool = False  # state `shadow`: eligible baseline requests are mirrored to the canary
     prefixes: tuple[str, ...] = ()  # derived from `paths`: each ending in "/"
 
     def __post_init__(self) -> None:
@@ -43,6 +44,10 @@ class RoutingSnapshot:
 
     def takes_part(self, path: str) -> bool:
         return path.startswith(self.prefixes) or path in self.paths
+
+    def forced(self, headers: Mapping[str, str]) -> bool:
+        """Whether the force header picks the arm (the split does not apply)."""
+        return bool(self.force_header) and headers.get(self.force_header) in ("canary", "baseline")
 
     @classmethod
     def from_settings(cls, routing: RoutingSettings, weight: int) -> RoutingSnapshot:
@@ -72,8 +77,12 @@ class Router:
     def set_weight(self, weight: int) -> None:
         self.snapshot = replace(self.snapshot, weight=weight)
 
+    def set_shadow(self, active: bool) -> None:
+        self.snapshot = replace(self.snapshot, shadow=active)
+
     def set_routing(self, routing: RoutingSettings) -> None:
-        self.snapshot = RoutingSnapshot.from_settings(routing, self.snapshot.weight)
+        fresh = RoutingSnapshot.from_settings(routing, self.snapshot.weight)
+        self.snapshot = replace(fresh, shadow=self.snapshot.shadow)
 
     def choose_arm(self, request: RequestLike) -> ArmName:
         snap = self.snapshot

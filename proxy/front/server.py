@@ -29,6 +29,7 @@ from proxy.front.routing import Router, RoutingSnapshot
 from proxy.front.tls import ListenerTls
 from proxy.upstream.pool import UpstreamClients
 from proxy.front.fallback import Fallback
+from proxy.front.shadow import Mirror, MirrorLimits
 from proxy.front.forward import ProxyState, make_proxy_server
 from proxy.front.worker import summed_fallbacks
 from proxy.front.workers import WorkerPool
@@ -76,6 +77,12 @@ class CanaryServer:
         self.recorder: EvidenceSource = self.pool.evidence if self.pool else self._local
         self.router = Router(RoutingSnapshot.from_settings(settings.routing, 0))
         self.fallback = Fallback(settings.routing.fallback, body_timeout=settings.upstreams.canary.timeout.total)
+        self.mirror = Mirror(  # sends copies only in this process's own proxy listener (no workers)
+            recorder=self._local.arms["canary"],
+            transport=lambda: self.proxy_state.transports["canary"],
+            clock=lambda: asyncio.get_running_loop().time(),
+        )
+        self.mirror.configure(settings.rollout, MirrorLimits.from_settings(settings))
         self.upstreams: UpstreamClients | None = None
         self.proxy_state: ProxyState | None = None
         self.controller: RolloutController | None = None
@@ -114,7 +121,7 @@ class CanaryServer:
             self.upstreams = UpstreamClients(self.settings.upstreams)
             self.proxy_state = ProxyState(
                 router=self.router, recorder=self._local, transports=self.upstreams.transports, clock=loop.time,
-                fallback=self.fallback,
+                fallback=self.fallback, mirror=self.mirror,
             )
         store: StateStore = JsonFileStore(self.settings.state.path)
         evidence = self.recorder
@@ -207,6 +214,7 @@ class CanaryServer:
             except Exception:
                 log.exception("shutdown_step_failed", step="listener")
         self._runners.clear()
+        await self.mirror.close()  # copies in flight: their answers are discarded anyway
         if self.upstreams is not None:  # the proxy has drained: no request uses them now
             try:
                 await self.upstreams.close()
@@ -267,6 +275,7 @@ class CanaryServer:
                     if self.pool:  # the workers' counts, fresh for this decision
                         await self.pool.collect(timeout=min(0.5, self.settings.analysis.interval / 2))
                         summed_fallbacks(self.pool.evidence.counters(), into=self.fallback)
+                        self.mirror.absorb(self.pool.evidence.counters())
                     if self.replica:  # this replica's counts out, everyone's in: one round trip
                         await self.replica.exchange()
                     self.controller.tick()
@@ -329,6 +338,7 @@ class CanaryServer:
         )
         self.router.set_routing(fresh.routing)
         self.fallback.configure(fresh.routing.fallback, body_timeout=fresh.upstreams.canary.timeout.total)
+        self.mirror.configure(fresh.rollout, MirrorLimits.from_settings(fresh))
         if self.upstreams is not None and fresh.upstreams != old.upstreams:
             self.proxy_state.transports = self.upstreams.replace(fresh.upstreams, drain=old.drain_timeout)
         self.settings = fresh

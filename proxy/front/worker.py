@@ -26,6 +26,7 @@ from proxy.front.channel import Hello, Ready, Reconfigure, Sync, receive, send
 from proxy.front.fallback import Fallback
 from proxy.front.forward import ProxyState, make_proxy_server
 from proxy.front.routing import Router, RoutingSnapshot
+from proxy.front.shadow import Mirror, MirrorLimits
 from proxy.front.tls import ListenerTls
 from proxy.logs import configure_logging
 from proxy.upstream.pool import UpstreamClients
@@ -49,6 +50,7 @@ class ProxyWorker:
             window=analysis.window, warn_limit=analysis.latency.p95_warning, crit_limit=analysis.latency.p99_critical
         )
         self.router = Router(RoutingSnapshot.from_settings(hello.settings.routing, hello.weight))
+        self.router.set_shadow(hello.shadow)
         self.upstreams = UpstreamClients(hello.settings.upstreams)
         self.fallback = Fallback(hello.settings.routing.fallback, body_timeout=hello.settings.upstreams.canary.timeout.total)
         self.state = ProxyState(
@@ -57,7 +59,13 @@ class ProxyWorker:
             transports=self.upstreams.transports,
             clock=asyncio.get_running_loop().time,
             fallback=self.fallback,
+            mirror=Mirror(
+                recorder=self.recorder.arms["canary"],
+                transport=lambda: self.state.transports["canary"],
+                clock=asyncio.get_running_loop().time,
+            ),
         )
+        self.state.mirror.configure(hello.settings.rollout, MirrorLimits.from_settings(hello.settings))
         self.tls = ListenerTls(hello.settings.tls) if hello.settings.tls else None
         server = make_proxy_server(self.state, access_log=None)
         self._runner = web.ServerRunner(
@@ -73,6 +81,7 @@ class ProxyWorker:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close."""
         try:
             await self._runner.cleanup()
+            await self.state.mirror.close()
         finally:
             await self.upstreams.close()
 
@@ -83,12 +92,15 @@ class ProxyWorker:
             self.stage_id = message.stage_id
         elif message.weight != self.router.snapshot.weight:
             self.router.set_weight(message.weight)
+        if message.shadow != self.router.snapshot.shadow:
+            self.router.set_shadow(message.shadow)
         return self.report() if message.report else None
 
     def report(self) -> WorkerReport:
         now = self.state.clock()
         self.recorder.sweep(now)
-        return report_of(self.recorder.arms, self.stage_id, now, counters=fallback_counters(self.fallback))
+        counters = {**fallback_counters(self.fallback), **self.state.mirror.counters()}
+        return report_of(self.recorder.arms, self.stage_id, now, counters=counters)
 
     def reconfigure(self, fresh: Settings) -> None:
         old = self.settings
@@ -98,6 +110,7 @@ class ProxyWorker:
         )
         self.router.set_routing(fresh.routing)
         self.fallback.configure(fresh.routing.fallback, body_timeout=fresh.upstreams.canary.timeout.total)
+        self.state.mirror.configure(fresh.rollout, MirrorLimits.from_settings(fresh))
         if self.tls is not None and fresh.tls is not None:  # on/off needs a restart
             self.tls.load(fresh.tls)
         if fresh.upstreams != old.upstreams:

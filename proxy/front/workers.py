@@ -63,6 +63,7 @@ class WorkerPool:
         self.evidence = SummedEvidence(on_new_stage=lambda _stage: self._changed())
         self.port = 0
         self._weight = 0
+        self._shadow = False
         self._sockets: list[socket.socket] = []
         self._workers: dict[int, _Worker] = {}
         self._restarts: dict[int, int] = dict.fromkeys(range(count), 0)
@@ -105,6 +106,11 @@ class WorkerPool:
         self._weight = weight
         self._changed()
 
+    def set_shadow(self, active: bool) -> None:
+        if active != self._shadow:
+            self._shadow = active
+            self._changed()
+
     def _changed(self) -> None:
         """Coalesce a weight change and a new stage (one transition) into one message."""
         if not self._flush_pending:
@@ -113,14 +119,17 @@ class WorkerPool:
 
     def _flush(self) -> None:
         self._flush_pending = False
-        self._tell_all(Sync(weight=self._weight, stage_id=self.evidence.stage_id, report=False))
+        self._tell_all(self._sync(report=False))
+
+    def _sync(self, *, report: bool) -> Sync:
+        return Sync(weight=self._weight, stage_id=self.evidence.stage_id, report=report, shadow=self._shadow)
 
     async def collect(self, timeout: float) -> None:
         """Ask every worker for its counts; wait up to `timeout` for the answers (a late
         one still counts, from the next tick)."""
         loop = asyncio.get_running_loop()
         waiters = []
-        sync = Sync(weight=self._weight, stage_id=self.evidence.stage_id, report=True)
+        sync = self._sync(report=True)
         for worker in self._workers.values():
             if worker.alive:
                 worker.waiter = loop.create_future()
@@ -222,7 +231,10 @@ class WorkerPool:
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         worker = _Worker(slot=slot, proc=proc, writer=writer, started_at=time.time())
         self._workers[slot] = worker
-        send(writer, Hello(slot=slot, settings=self.settings, weight=self._weight, stage_id=self.evidence.stage_id))
+        hello = Hello(
+            slot=slot, settings=self.settings, weight=self._weight, stage_id=self.evidence.stage_id, shadow=self._shadow
+        )
+        send(writer, hello)
         worker.reader = asyncio.create_task(self._read(worker, reader))
         return worker
 
@@ -251,7 +263,7 @@ class WorkerPool:
         event = "worker_started" if first else "worker_restarted"
         log.info(event, slot=worker.slot, pid=ready.pid, restarts=self._restarts[worker.slot])
         # A transition may have happened while it started: bring it up to date.
-        worker.tell(Sync(weight=self._weight, stage_id=self.evidence.stage_id, report=False))
+        worker.tell(self._sync(report=False))
 
 
 def _reuseport_socket(host: str, port: int) -> socket.socket:

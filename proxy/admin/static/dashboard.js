@@ -35,8 +35,10 @@ function renderStatus(status) {
   $("reason").textContent = status.reason || "";
   $("since").textContent = `at ${status.weight}% since ${clock(status.stage_started_at)}`;
   $("weight").textContent = status.weight + "%";
-  $("stage").textContent = status.stage ? `stage ${status.stage} of ${status.stages.length}` : (status.weight ? "pinned weight" : "no canary traffic");
+  $("stage").textContent = status.state === "shadow" ? "shadow: copies only, every client gets the baseline"
+    : status.stage ? `stage ${status.stage} of ${status.stages.length}` : (status.weight ? "pinned weight" : "no canary traffic");
   renderStages(status);
+  renderShadow(status.shadow || {});
   renderBake(status.bake || {}, status.state);
   renderVerdict(status.verdict || {});
   const thresholds = ((status.verdict || {}).evidence || {}).thresholds || {};
@@ -49,16 +51,27 @@ function renderStatus(status) {
 function renderStages(status) {
   const box = $("stages");
   box.replaceChildren();
+  if (status.shadow && status.shadow.duration > 0) {
+    box.append(el("span", "shadow", status.state === "shadow" ? "current" : status.weight > 0 ? "done" : ""));
+  }
   for (const stage of status.stages) {
     const cls = stage === status.weight ? "current" : stage < status.weight ? "done" : "";
     box.append(el("span", stage + "%", cls));
   }
 }
 
+function renderShadow(shadow) {
+  const line = $("shadow");
+  line.hidden = !(shadow.duration > 0 || shadow.mirrored > 0);
+  const dropped = Object.values(shadow.dropped || {}).reduce((a, b) => a + b, 0);
+  line.textContent = `shadow copies: ${shadow.mirrored || 0} mirrored, ${dropped} dropped` +
+    (shadow.active ? `, ${shadow.inflight || 0} in flight, ${shadow.queued || 0} queued` : "");
+}
+
 function renderBake(bake, state) {
   const fraction = bake.required ? Math.min(1, bake.elapsed / bake.required) : 1;
   $("bake-bar").style.width = (fraction * 100).toFixed(1) + "%";
-  const waiting = state === "progressing" ? "" : ` (no automatic promotion while ${state.replace("_", " ")})`;
+  const waiting = state === "progressing" || state === "shadow" ? "" : ` (no automatic promotion while ${state.replace("_", " ")})`;
   $("bake").textContent = `${secs(bake.elapsed)} of ${secs(bake.required)}${waiting}`;
 }
 
