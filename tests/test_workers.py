@@ -245,6 +245,9 @@ async def test_reload_and_rollback_act_on_every_worker(tmp_path, upstreams, cana
     await until_status(proxy, lambda status: status["config"]["reloads"]["ok"] == 2)
     status = await admin_get(proxy, "/status")
     assert {worker["pid"] for worker in status["workers"]} == pids and all(w["alive"] for w in status["workers"])
+    shown = await run_cli("status", "--admin", proxy.admin_url)
+    assert shown.code == 0 and "workers  2 processes" in shown.out, shown.out
+    assert all(f"pid {pid}, serving" in shown.out for pid in pids), shown.out
     # `canary rollback` (admin port 0 in the file: written to the state file, picked up
     # at the next tick): every worker sends everything to the baseline.
     result = await run_cli("rollback", "-c", str(config), "--reason", "bad canary")
@@ -286,3 +289,18 @@ async def test_workers_whose_supervisor_is_killed_drain_and_exit(tmp_path, upstr
     await proxy.kill()  # SIGKILL: the supervisor cannot tell anyone
     await until(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids),
                 timeout=10, what="both workers gone")
+
+
+async def test_a_sticky_key_gets_the_same_arm_on_every_worker(tmp_path, upstreams):
+    config = two_workers(control_config(tmp_path / "canary.yaml", upstreams, weight=50))
+    async with supervisor(config) as server:
+        connector = aiohttp.TCPConnector(force_close=True)  # each request: a new connection
+        async with aiohttp.ClientSession(connector=connector) as client:
+            arms: dict[str, set[str]] = {}
+            for user in range(20):
+                for _ in range(6):
+                    async with client.get(url(server, "/echo"), headers={"X-User-Id": f"user-{user}"}) as response:
+                        arms.setdefault(f"user-{user}", set()).add(response.headers["X-Canary-Arm"])
+        await until(lambda: min(served_by_each(server)) > 10, timeout=5, what="both workers served")
+    assert all(len(seen) == 1 for seen in arms.values()), arms
+    assert {arm for seen in arms.values() for arm in seen} == {"baseline", "canary"}

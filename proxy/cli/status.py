@@ -50,6 +50,7 @@ def format_status(status: Mapping[str, Any], *, admin_url: str = "") -> str:
     sections = [
         _header(status, admin_url),
         _config(status.get("config") or {}),
+        _workers(status.get("workers") or []),
         _arms(status.get("arms") or {}),
         _verdict(status.get("verdict") or {}),
         _history(status.get("history") or []),
@@ -84,6 +85,21 @@ def _config(config: Mapping[str, Any]) -> str:
     if config.get("error"):
         lines.append("  REJECTED EDIT — still serving the last good config:")
         lines.extend(f"    {line}" for line in str(config["error"]).splitlines())
+    return "\n".join(lines)
+
+
+def _workers(workers: list[Mapping[str, Any]]) -> str:
+    """`workers: N` > 1: one line per worker process (absent with one process)."""
+    if not workers:
+        return ""
+    lines = [f"workers  {len(workers)} processes (requests since each started)"]
+    for worker in workers:
+        restarts = worker.get("restarts", 0)
+        state = "serving" if worker.get("alive") else "STARTING AGAIN"
+        lines.append(
+            f"  {worker['slot']}: pid {worker.get('pid') or '-'}, {state}, {worker.get('requests', 0)} requests"
+            + (f", restarted {restarts}×" if restarts else "")
+        )
     return "\n".join(lines)
 
 

@@ -39,7 +39,9 @@ log = structlog.get_logger("canary.worker")
 
 
 class ProxyWorker:
-    """The proxy listener of one worker, on a socket its supervisor bound."""
+    """The proxy listener of one worker, on a socket its supervisor bound. It is built
+    like `CanaryServer`'s in-process listener (same ProxyState, server, TLS, fallback):
+    a setting the proxy listener gains there must be applied here too."""
 
     def __init__(self, hello: Hello, listen: socket.socket) -> None:
         self.settings = hello.settings
