@@ -42,6 +42,7 @@ from config.settings import (
     FALLBACK_KINDS,
     FallbackSettings,
     HostPort,
+    LatencyRegression,
     LatencyThresholds,
     LoggingSettings,
     PoolSettings,
@@ -261,9 +262,15 @@ def _analysis(section: Section) -> AnalysisSettings:
     errors = ErrorThresholds(**errors_section.fields(warning=fraction, critical=fraction))
     _check_order(errors_section, "warning", "critical", (errors.warning, errors.critical))
     latency = section.section("latency", LatencyThresholds)
+    regression = latency.section("regression", LatencyRegression)
     return AnalysisSettings(
         errors=errors,
-        latency=LatencyThresholds(**latency.fields(p95_warning=_positive, p99_critical=_positive)),
+        latency=LatencyThresholds(
+            **latency.fields(p95_warning=_positive, p99_critical=_positive),
+            regression=LatencyRegression(
+                **regression.fields(p95_ratio=_ratio_or_off, min_delta=duration(positive=False))
+            ),
+        ),
         **section.fields(
             window=_positive,
             interval=_positive,
@@ -274,6 +281,14 @@ def _analysis(section: Section) -> AnalysisSettings:
             beta=fraction,
         ),
     )
+
+
+def _ratio_or_off(scalar: Scalar) -> float:
+    """`analysis.latency.regression.p95_ratio`: a number above 1, or 0 to turn it off."""
+    value = scalar.value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value == 0 or value > 1):
+        raise Invalid(f"expected a ratio above 1 (such as 1.5), or 0 to turn it off, got {scalar.show()}")
+    return float(value)
 
 
 def _state(section: Section, base_dir: Path) -> StateSettings:

@@ -27,6 +27,7 @@ __all__ = [
     "FallbackKind",
     "FallbackSettings",
     "HostPort",
+    "LatencyRegression",
     "LatencyThresholds",
     "LoggingSettings",
     "PoolSettings",
@@ -149,9 +150,18 @@ class ErrorThresholds:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LatencyRegression:
+    """A canary p95 over p95_ratio x the baseline's and min_delta slower is a warning."""
+
+    p95_ratio: float = 1.5  # 0 disables
+    min_delta: float = 0.05
+
+
+@dataclass(frozen=True, kw_only=True)
 class LatencyThresholds:
     p95_warning: float = 5.0
     p99_critical: float = 10.0
+    regression: LatencyRegression = field(default_factory=LatencyRegression)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -52,7 +52,8 @@ def decide(
     state: RolloutState, analysis: AnalysisState, evidence: Evidence, policy: Policy, now: float
 ) -> tuple[RolloutState, AnalysisState, Decision | None]:
     """One tick: feed the tests, then take at most one automatic step."""
-    analysis = advance(analysis, _counts(evidence.canary), _counts(evidence.baseline), policy.plan)
+    latency = (evidence.canary.latency_bins, evidence.baseline.latency_bins)
+    analysis = advance(analysis, _counts(evidence.canary), _counts(evidence.baseline), policy.plan, latency)
     level, confirmed = assess(analysis, evidence, policy, state.weight)
     target = _automatic_target(state, confirmed, policy)
     if target is not None:

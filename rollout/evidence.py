@@ -15,6 +15,7 @@ path stays tiny. Three views are kept:
 from __future__ import annotations
 
 from bisect import bisect_left
+from math import ceil, log
 from dataclasses import dataclass
 from itertools import count
 from typing import Iterator, Mapping, Protocol, Sequence
@@ -30,7 +31,10 @@ __all__ = [
     "ArmTotals",
     "EvidenceSource",
     "OutcomeRecorder",
+    "STAGE_LATENCY_EDGES",
     "StageCounts",
+    "add_bins",
+    "stage_latency_bin",
     "WindowCounts",
     "arm_snapshot",
 ]
@@ -47,6 +51,11 @@ PROMETHEUS_BUCKETS: tuple[float, ...] = (
 CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
 _ERROR_CLASS = 4
 _BUCKETS_PER_WINDOW = 60
+# stage latency histogram: 1 ms .. ~1,000 s, each edge 5% above the previous one
+_STAGE_FIRST_EDGE = 0.001
+_STAGE_LOG_STEP = log(1.05)
+_STAGE_BINS = 285
+STAGE_LATENCY_EDGES: tuple[float, ...] = tuple(_STAGE_FIRST_EDGE * 1.05**i for i in range(_STAGE_BINS - 1))
 _SLOW_WARN = 1
 _SLOW_CRIT = 2
 
@@ -68,6 +77,23 @@ class StageCounts:
     slow_warning: int = 0  # over analysis.latency.p95_warning
     slow_critical: int = 0  # over analysis.latency.p99_critical
     slow_pending: int = 0  # in flight past the p95 limit, not (yet) past p99: at last sweep
+    # finished requests by latency, over STAGE_LATENCY_EDGES (5% apart), for the latency
+    # regression test; () when none finished yet
+    latency_bins: tuple[int, ...] = ()
+
+
+def stage_latency_bin(latency: float) -> int:
+    """The STAGE_LATENCY_EDGES bin of a latency: bin i holds (edge[i-1], edge[i]]. O(1)."""
+    if latency <= _STAGE_FIRST_EDGE:
+        return 0
+    return min(_STAGE_BINS - 1, ceil(log(latency / _STAGE_FIRST_EDGE) / _STAGE_LOG_STEP - 1e-9))
+
+
+def add_bins(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Two stage histograms added (either may be empty)."""
+    if not a or not b:
+        return a or b
+    return tuple(x + y for x, y in zip(a, b))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,6 +175,7 @@ class ArmRecorder:
         # id -> [start, generation, slow flags, latency once the response headers came]
         self._inflight: dict[int, list] = {}
         self._stage = [0, 0, 0, 0]  # requests, errors, slow_warning, slow_critical
+        self._stage_bins = [0] * _STAGE_BINS
         self._slow_pending = 0
         self.code_totals = [0] * len(CODE_CLASSES)
         self.latency_totals = [0] * (len(LATENCY_EDGES) + 1)
@@ -198,6 +225,7 @@ class ArmRecorder:
                 stage[2] += 1
             if latency > self.crit_limit and not flags & _SLOW_CRIT:
                 stage[3] += 1
+            self._stage_bins[stage_latency_bin(latency)] += 1
 
     @property
     def inflight(self) -> int:
@@ -247,12 +275,14 @@ class ArmRecorder:
         old stage no longer count toward the new one."""
         self.generation += 1
         self._stage = [0, 0, 0, 0]
+        self._stage_bins = [0] * _STAGE_BINS
         self._slow_pending = 0
 
     def stage_counts(self) -> StageCounts:
         r, e, w, c = self._stage
         return StageCounts(
-            requests=r, errors=e, slow_warning=w, slow_critical=c, slow_pending=self._slow_pending
+            requests=r, errors=e, slow_warning=w, slow_critical=c, slow_pending=self._slow_pending,
+            latency_bins=tuple(self._stage_bins) if any(self._stage_bins) else (),
         )
 
     def window_counts(self, now: float) -> WindowCounts:

@@ -19,13 +19,17 @@ _COMPARED = ("errors", "slow_warning", "slow_critical")
 
 
 def figures(
-    analysis: AnalysisState, evidence: Evidence, policy: Policy, health: StageHealth, gate: bool
+    analysis: AnalysisState, evidence: Evidence, policy: Policy, health: StageHealth, gate: bool,
+    weight: int = 0,
 ) -> dict[str, Any]:
+    tests = {**_absolute_tests(analysis, evidence, policy, health), **_compare_tests(analysis, evidence, policy)}
+    if policy.plan.regression is not None and weight < 100:
+        tests.update(_regression_tests(analysis, evidence, policy))
     return {
         "canary": _arm_figures(evidence.canary),
         "baseline": _arm_figures(evidence.baseline),
         "comparison": {"required": gate, **_difference(evidence.canary, evidence.baseline)},
-        "tests": {**_absolute_tests(analysis, evidence, policy, health), **_compare_tests(analysis, evidence, policy)},
+        "tests": tests,
         "thresholds": {
             "errors.warning": policy.error_warning,
             "errors.critical": policy.error_critical,
@@ -33,6 +37,8 @@ def figures(
             "latency.p99_critical": policy.p99_limit,
             "analysis.min_requests": policy.analysis_min_requests,
             "analysis.beta": policy.beta,
+            "latency.regression.p95_ratio": policy.p95_ratio,
+            "latency.regression.min_delta": policy.min_delta,
         },
     }
 
@@ -74,6 +80,34 @@ def _compare_tests(analysis: AnalysisState, evidence: Evidence, policy: Policy) 
             "ratio": compare.ratio, "open": analysis.opened[4 + offset],
         }
     return tests
+
+
+def _regression_tests(analysis: AnalysisState, evidence: Evidence, policy: Policy) -> dict[str, Any]:
+    """The latency regression's two tests: the canary's share of requests over the limit
+    (vs 5%), and the canary's share of the requests over it (vs its share of requests)."""
+    found, plan = analysis.regression, policy.plan.regression
+    assert plan is not None
+    judged, over, base_judged, base_over = found.judged
+    share = bounds(over + base_over, over, policy.beta)
+    requests = judged + base_judged
+    return {
+        "latency.regression": {
+            "estimate": None, "ci": None, **_json(bounds(judged, over, policy.beta)),
+            "limit": plan.rate.p0, "limit_seconds": found.limit, "baseline_p95": found.baseline_p95,
+            "score": round(found.scores[0], 3), "threshold": round(plan.rate.threshold, 3),
+            "open": found.open, "rate_open": found.opened[0], "gated_by": "compare.slow_regression",
+        },
+        "compare.slow_regression": {
+            "estimate": None, "ci": None, **_json(share),
+            "expected": round(judged / requests, 5) if requests else None,
+            "score": round(found.scores[1], 3), "threshold": round(plan.share.threshold, 3),
+            "ratio": plan.share.ratio, "open": found.opened[1],
+        },
+    }
+
+
+def _json(found: Any) -> dict[str, Any]:
+    return found.to_json() if found is not None else {}
 
 
 def _arm_figures(counts: StageCounts) -> dict[str, Any]:

@@ -35,6 +35,8 @@ class Policy:
     compare_baseline: bool = True
     alpha: float = 0.01
     beta: float = 0.05  # level of the confidence sequences behind promotion
+    p95_ratio: float = 1.5  # latency regression against the baseline; 0: off
+    min_delta: float = 0.05
     compare_alpha: float = 1e-5
     plan: AnalysisPlan = field(init=False, repr=False, compare=False)
 
@@ -48,6 +50,8 @@ class Policy:
             error_critical=self.error_critical,
             alpha=self.alpha,
             compare_alpha=self.compare_alpha,
+            p95_ratio=self.p95_ratio,
+            min_delta=self.min_delta,
         )
         object.__setattr__(self, "plan", plan)
 
@@ -68,6 +72,8 @@ class Policy:
             on_critical=analysis.on_critical,
             compare_baseline=analysis.compare_baseline,
             beta=analysis.beta,
+            p95_ratio=analysis.latency.regression.p95_ratio,
+            min_delta=analysis.latency.regression.min_delta,
         )
 
     def bake_for(self, state: str) -> float:

@@ -19,8 +19,11 @@ fast as one that starts early. Everything here is pure arithmetic on count delta
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from math import log
+
+from rollout.regression import RegressionPlan, RegressionState, advance_regression
+from rollout.sequential import CEILING, RateTest, ShareTest, alpha_threshold, cusum
 
 __all__ = [
     "ABSOLUTE_TESTS",
@@ -32,6 +35,7 @@ __all__ = [
     "RateTest",
     "ShareTest",
     "advance",
+    "advance_counts",
     "alpha_threshold",
     "cusum",
     "slow_could_be_critical",
@@ -42,80 +46,7 @@ ABSOLUTE_TESTS = ("errors.warning", "errors.critical", "latency.p95_warning", "l
 COMPARE_TESTS = ("errors", "slow_warning", "slow_critical")
 # which count each absolute test judges, and which comparison gates it
 _COUNT_OF = (1, 1, 2, 3)
-CEILING = 2.0  # a score never exceeds CEILING x its threshold
 COMPARE_OF = (0, 0, 1, 2)
-
-
-def alpha_threshold(alpha: float) -> float:
-    """The score a test must reach so a fresh start alarms with probability <= alpha."""
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    return log(1.0 / alpha)
-
-
-def cusum(value: float, is_open: bool, llr: float, threshold: float) -> tuple[float, bool]:
-    """Add one tick's log-likelihood ratio to a score floored at 0. The alarm latches
-    from the threshold until the score is back at 0, i.e. until the evidence of health
-    outweighs it; the score is capped at twice the threshold so that takes as long after
-    an hour-long outage as after a minute-long one."""
-    value += llr
-    if value <= 0.0:
-        return 0.0, False
-    return min(value, CEILING * threshold), is_open or value >= threshold
-
-
-@dataclass(frozen=True, kw_only=True)
-class RateTest:
-    """One-sided Bernoulli SPRT of H0: rate = p0 against H1: rate = p1 (> p0)."""
-
-    p0: float
-    p1: float
-    threshold: float
-    _up: float = field(init=False, repr=False, compare=False)
-    _down: float = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.p0 < self.p1 < 1.0:
-            raise ValueError(f"need 0 < p0 < p1 < 1, got p0={self.p0} p1={self.p1}")
-        object.__setattr__(self, "_up", log(self.p1 / self.p0))
-        object.__setattr__(self, "_down", log((1.0 - self.p1) / (1.0 - self.p0)))
-
-    @classmethod
-    def for_threshold(cls, p0: float, *, ratio: float, threshold: float) -> RateTest:
-        """H1 at `ratio` times the threshold, kept below 1 for thresholds near it."""
-        return cls(p0=p0, p1=min(p0 * ratio, (1.0 + p0) / 2.0), threshold=threshold)
-
-    def llr(self, trials: int, events: int) -> float:
-        """The log-likelihood ratio of `events` bad outcomes among `trials` new ones."""
-        return events * self._up + (trials - events) * self._down
-
-
-@dataclass(frozen=True, kw_only=True)
-class ShareTest:
-    """Conditional binomial SPRT: is the canary's bad-outcome rate `ratio` times the
-    baseline's (H1) rather than equal to it (H0)?"""
-
-    ratio: float
-    threshold: float
-
-    def __post_init__(self) -> None:
-        if self.ratio <= 1.0:
-            raise ValueError(f"ratio must be > 1, got {self.ratio}")
-
-    def llr(self, share: float, canary_events: int, baseline_events: int) -> float:
-        """Log-likelihood ratio of new bad outcomes of each arm, the canary taking `share`
-        of the requests (the stage's share so far: steady within a stage, and meaningful
-        even when a short tick saw requests of one arm only)."""
-        if not 0.0 < share < 1.0 or not (canary_events or baseline_events):
-            return 0.0
-        worse = self.worse_share(share)
-        return canary_events * log(worse / share) + baseline_events * log(
-            (1.0 - worse) / (1.0 - share)
-        )
-
-    def worse_share(self, share: float) -> float:
-        """The canary's share of bad outcomes under H1, for a request share `share`."""
-        return self.ratio * share / (self.ratio * share + 1.0 - share)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +56,7 @@ class AnalysisPlan:
 
     absolute: tuple[RateTest, RateTest, RateTest, RateTest]
     compare: ShareTest
+    regression: RegressionPlan | None = None  # latency against the baseline; None: off
 
     @classmethod
     def build(
@@ -135,10 +67,20 @@ class AnalysisPlan:
         alpha: float = 0.01,
         compare_alpha: float = 1e-5,
         compare_ratio: float = 3.0,
+        p95_ratio: float = 0.0,
+        min_delta: float = 0.0,
     ) -> AnalysisPlan:
         """Errors: H1 at twice the threshold; p95 limit: 5% vs 10% of requests over it;
-        p99 limit: 1% vs 3%."""
+        p99 limit: 1% vs 3%; latency regression (when p95_ratio > 0): 5% vs 10% of canary
+        requests over the baseline-derived limit, gated like the comparisons."""
         h = alpha_threshold(alpha)
+        compare = ShareTest(ratio=compare_ratio, threshold=alpha_threshold(compare_alpha))
+        regression = None
+        if p95_ratio > 0:
+            regression = RegressionPlan(
+                p95_ratio=p95_ratio, min_delta=min_delta, rate=RateTest(p0=0.05, p1=0.10, threshold=h),
+                share=compare,
+            )
         return cls(
             absolute=(
                 RateTest.for_threshold(error_warning, ratio=2.0, threshold=h),
@@ -146,7 +88,8 @@ class AnalysisPlan:
                 RateTest(p0=0.05, p1=0.10, threshold=h),
                 RateTest(p0=0.01, p1=0.03, threshold=h),
             ),
-            compare=ShareTest(ratio=compare_ratio, threshold=alpha_threshold(compare_alpha)),
+            compare=compare,
+            regression=regression,
         )
 
     def errors_could_be_critical(self, trials: int, errors: int) -> bool:
@@ -187,6 +130,7 @@ class AnalysisState:
     scores: tuple[float, ...] = (0.0,) * 7
     opened: tuple[bool, ...] = (False,) * 7
     excursion: tuple[int, int, int, int] = (0, 0, 0, 0)
+    regression: RegressionState = RegressionState()
 
     def compare_open(self, index: int) -> bool:
         """Is the comparison that gates absolute test `index` open?"""
@@ -194,10 +138,25 @@ class AnalysisState:
 
     def rescored(self) -> AnalysisState:
         """Same consumed counts, scores from 0: after the tests' parameters changed."""
-        return AnalysisState(seen=self.seen)
+        regression = replace(self.regression, scores=(0.0, 0.0), opened=(False, False))
+        return AnalysisState(seen=self.seen, regression=regression)
 
 
-def advance(state: AnalysisState, canary: Counts, baseline: Counts, plan: AnalysisPlan) -> AnalysisState:
+def advance(
+    state: AnalysisState, canary: Counts, baseline: Counts, plan: AnalysisPlan,
+    latency: tuple[tuple[int, ...], tuple[int, ...]] = ((), ()),
+) -> AnalysisState:
+    """`advance_counts`, then the latency regression test on both arms' stage histograms."""
+    state = advance_counts(state, canary, baseline, plan)
+    if plan.regression is None or not (latency[0] or state.regression.seen[0]):
+        return state
+    requests = canary[0] + baseline[0]
+    share = canary[0] / requests if requests else 0.0
+    found = advance_regression(state.regression, latency[0], latency[1], share, plan.regression)
+    return replace(state, regression=found)
+
+
+def advance_counts(state: AnalysisState, canary: Counts, baseline: Counts, plan: AnalysisPlan) -> AnalysisState:
     """Feed the tests the outcomes recorded since the last call (cumulative stage counts
     in; counts that went down mean the stage was reset outside, so start from 0)."""
     counts = canary + baseline
@@ -222,4 +181,7 @@ def advance(state: AnalysisState, canary: Counts, baseline: Counts, plan: Analys
     excursion = (
         (n + trials, k + delta[1]) if scores[0] else (0, 0)
     ) + ((w + delta[2], c + delta[3]) if scores[2] else (0, 0))
-    return AnalysisState(seen=counts, scores=tuple(scores), opened=tuple(opened), excursion=excursion)
+    return AnalysisState(
+        seen=counts, scores=tuple(scores), opened=tuple(opened), excursion=excursion,
+        regression=state.regression,
+    )

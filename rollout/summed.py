@@ -24,6 +24,7 @@ from rollout.evidence import (
     ArmSnapshot,
     StageCounts,
     WindowCounts,
+    add_bins,
     arm_snapshot,
 )
 
@@ -107,6 +108,7 @@ def _add_stage(a: StageCounts, b: StageCounts) -> StageCounts:
         slow_warning=a.slow_warning + b.slow_warning,
         slow_critical=a.slow_critical + b.slow_critical,
         slow_pending=a.slow_pending + b.slow_pending,
+        latency_bins=add_bins(a.latency_bins, b.latency_bins),
     )
 
 

@@ -15,12 +15,13 @@ from typing import Any
 
 from rollout.evidence import StageCounts
 from rollout.figures import figures, rate
+from rollout.confidence import bounds
 from rollout.health import StageHealth, rate_bounds, stage_health
 from rollout.policy import Evidence, Policy
 from rollout.sprt import ABSOLUTE_TESTS, AnalysisState, slow_could_be_critical
 from rollout.state import Level, Severity
 
-__all__ = ["RANK", "Severity", "Verdict", "assess", "judge", "warning_waits"]
+__all__ = ["RANK", "Severity", "Verdict", "assess", "judge", "regression_open", "regression_reason", "warning_waits"]
 
 RANK: dict[str | None, int] = {
     None: 0, "ok": 0, "insufficient_data": 0, "inconclusive": 0, "warning": 1, "critical": 2,
@@ -76,9 +77,26 @@ def _assess(
             continue
         if RANK[severity] > RANK[confirmed]:
             confirmed = severity
+    if regression_open(analysis, policy, weight):
+        level = "critical" if level == "critical" else "warning"
+        if not _regression_waits(evidence.canary, policy, health) and confirmed is None:
+            confirmed = "warning"
     if level is None:
         return ("ok" if health.healthy else "inconclusive"), None
     return level, confirmed
+
+
+def regression_open(analysis: AnalysisState, policy: Policy, weight: int) -> bool:
+    """The latency regression signal (off at weight 100, where there is no baseline)."""
+    return policy.plan.regression is not None and weight < 100 and analysis.regression.open
+
+
+def _regression_waits(canary: StageCounts, policy: Policy, health: StageHealth) -> bool:
+    """A regression warning waits while some canary request is past the p99 limit (or
+    hanging past p95) and the p99 rate is not shown below 1%: maybe a critical canary."""
+    if _ACTION_RANK[policy.on_critical] <= _ACTION_RANK[policy.on_warning]:
+        return False
+    return bool(canary.slow_critical + canary.slow_pending) and not health.below[3]
 
 
 def warning_waits(
@@ -115,15 +133,16 @@ def judge(analysis: AnalysisState, evidence: Evidence, policy: Policy, weight: i
     elif level == "inconclusive":
         reasons = [_inconclusive_reason(evidence, policy, health)]
     else:
-        reasons = _signal_reasons(analysis, evidence, policy, gate, health)
+        reasons = _signal_reasons(analysis, evidence, policy, gate, health, weight)
     return Verdict(
         level=level, reasons=tuple(reasons), confirmed=confirmed,
-        figures=figures(analysis, evidence, policy, health, gate),
+        figures=figures(analysis, evidence, policy, health, gate, weight),
     )
 
 
 def _signal_reasons(
-    analysis: AnalysisState, evidence: Evidence, policy: Policy, gate: bool, health: StageHealth
+    analysis: AnalysisState, evidence: Evidence, policy: Policy, gate: bool, health: StageHealth,
+    gate_weight: int,
 ) -> list[str]:
     """One line per open signal, confirmed ones first, most severe first."""
     lines: list[tuple[int, str]] = []
@@ -143,7 +162,30 @@ def _signal_reasons(
         ):
             text += "; held while the evidence still fits the critical level"
         lines.append((-(RANK[severity] + 3 * confirmed), text))
+    if regression_open(analysis, policy, gate_weight):
+        text = regression_reason(analysis, evidence.canary, policy)
+        if _regression_waits(evidence.canary, policy, health):
+            text += "; held while some canary requests are past the p99 limit"
+        lines.append((-4, text))
     return [text for _, text in sorted(lines, key=lambda line: line[0])]
+
+
+def regression_reason(analysis: AnalysisState, canary: StageCounts, policy: Policy) -> str:
+    """`canary latency regression: …` with the limit, the counts and both scores."""
+    found, plan = analysis.regression, policy.plan.regression
+    assert plan is not None
+    judged, over, base_judged, base_over = found.judged
+    interval = bounds(judged, over, policy.beta)
+    ci = "" if interval is None else f", CI {interval.lower:.1%}–{interval.upper:.1%}"
+    limit = f"{found.limit:.3g}s" if found.limit is not None else "-"
+    p95 = f"{found.baseline_p95:.3g}s" if found.baseline_p95 is not None else "-"
+    return (
+        f"canary latency regression: {rate(over, judged):.1%} of canary requests ({over}/{judged}{ci}) "
+        f"over {limit} = max({plan.p95_ratio:g} x baseline p95 {p95}, baseline p95 + {plan.min_delta * 1000:.0f}ms), "
+        f"5% allowed; baseline {rate(base_over, base_judged):.1%} ({base_over}/{base_judged}) "
+        f"(sequential scores {found.scores[0]:.1f} of {plan.rate.threshold:.1f} and "
+        f"{found.scores[1]:.1f} of {plan.share.threshold:.1f} vs the baseline)"
+    )
 
 
 def _basis(index: int, analysis: AnalysisState, policy: Policy, health: StageHealth) -> str:
@@ -219,7 +261,7 @@ def _rate_line(counts: StageCounts, index: int, policy: Policy) -> str:
     name = ABSOLUTE_TESTS[index]
     if found is None:
         return f"{_RATE_NAMES[index]} - vs {name} {p0:.0%}"
-    return f"{_RATE_NAMES[index]} {found.estimate:.1%} (upper bound {found.upper:.1%}) vs {name} {p0:.0%}"
+    return f"{_RATE_NAMES[index]} {found.estimate:.1%} (upper bound {found.upper:.2%}) vs {name} {p0:.0%}"
 
 
 def _healthy_reason(evidence: Evidence, policy: Policy) -> str:
