@@ -3,8 +3,9 @@
 Since Python 3.12.1 `asyncio.Server.wait_closed()` waits until every connection is gone,
 so a shutdown that closes the listener and then waits would hang on a client (or an
 upstream pool) that merely keeps a connection open. These tests hold such connections
-and check that `canary serve` still exits at once on SIGTERM, and that closing the
-upstream clients also closes the ones a reload replaced."""
+and check that `canary serve` (one process, or a supervisor and its workers) still exits
+at once on SIGTERM, and that closing the upstream clients also closes the ones a reload
+replaced."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from multidict import CIMultiDict
 
 from config.settings import Upstreams
-from proxy.upstream.pool import HTTP1_CLIENTS, UpstreamClients
+from proxy.upstream.pool import UpstreamClients
 from tests.admin_support import upstream_url
 from tests.conftest import upstream_settings
 from tests.polling import until
@@ -28,11 +29,12 @@ DRAIN_TIMEOUT = 20.0  # seconds; a drain that waited on idle connections would t
 IDLE_CLIENTS = 5
 
 
-def drain_config(tmp_path: Path, upstreams) -> Path:
+def drain_config(tmp_path: Path, upstreams, *, workers: int) -> Path:
     base, canary = upstream_url(upstreams["baseline"]), upstream_url(upstreams["canary"])
     return write_config(
         tmp_path / "canary.yaml",
         f"""
+workers: {workers}
 listen: "127.0.0.1:0"
 drain_timeout: {DRAIN_TIMEOUT:g}s
 admin: {{listen: "127.0.0.1:0", token: "test-token"}}
@@ -55,11 +57,16 @@ async def idle_keepalive_connection(port: int, path: str) -> tuple[asyncio.Strea
     return reader, writer
 
 
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-@pytest.mark.parametrize("http1_client", HTTP1_CLIENTS)
-async def test_sigterm_with_idle_keepalive_clients_exits_0_within_drain_timeout(tmp_path, upstreams, loop, http1_client):
+@pytest.mark.parametrize(
+    ("loop", "http1_client", "workers"),
+    [("uvloop", "aiohttp", 1), ("uvloop", "lean", 1), ("asyncio", "aiohttp", 1), ("asyncio", "lean", 1),
+     ("asyncio", "aiohttp", 2), ("uvloop", "lean", 2)],
+)
+async def test_sigterm_with_idle_keepalive_clients_exits_0_within_drain_timeout(
+    tmp_path, upstreams, loop, http1_client, workers
+):
     env = {"CANARY_HTTP1_CLIENT": http1_client, "CANARY_NO_UVLOOP": "1" if loop == "asyncio" else ""}
-    proxy = await ServeProcess(drain_config(tmp_path, upstreams), env=env).start()
+    proxy = await ServeProcess(drain_config(tmp_path, upstreams, workers=workers), env=env).start()
     clients = []
     try:
         for n in range(IDLE_CLIENTS):  # both arms' pools keep their upstream connections too

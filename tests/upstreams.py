@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 __all__ = [
-    "STATS", "UpstreamStats", "break_off_uploads", "make_upstream_app", "raw_upstream", "tcp_upstream", "GZIP_BODY",
+    "GZIP_BODY",
+    "STATS",
+    "UpstreamStats",
+    "break_off_uploads",
+    "make_upstream_app",
+    "raw_upstream",
+    "tcp_upstream",
 ]
 
 
