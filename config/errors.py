@@ -12,7 +12,8 @@ It lives in `config` because that is the bottom layer every other package may im
     └── UpstreamError        forwarding to an arm failed (translated to 502/503/504)
         ├── UpstreamConnectError   connect failed or the connection broke -> 502
         ├── UpstreamTimeout        connect or total timeout -> 504
-        └── PoolExhausted          no connection free in time -> 503
+        ├── PoolExhausted          no connection free in time -> 503
+        └── ProxyOverloaded        the proxy itself lacks descriptors or memory -> 503
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigError",
     "PoolExhausted",
     "Problem",
+    "ProxyOverloaded",
     "StateCorrupt",
     "StateError",
     "UpstreamConnectError",
@@ -105,3 +107,16 @@ class PoolExhausted(UpstreamError):
     status = 503
     kind = "pool_exhausted"
     public = "all connections to the upstream are busy"
+
+
+class ProxyOverloaded(UpstreamError):
+    """The proxy could not forward for want of its own resources (`reason`: descriptors,
+    memory): never counted against the arm."""
+
+    status = 503
+    kind = "proxy_overloaded"
+    public = "the proxy is overloaded; retry shortly"
+
+    def __init__(self, arm: str, message: str, *, reason: str) -> None:
+        super().__init__(arm, message)
+        self.reason = reason

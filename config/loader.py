@@ -27,6 +27,7 @@ from config.schema import (
     Scalar,
     Section,
     boolean,
+    byte_size,
     choice,
     duration,
     fraction,
@@ -41,9 +42,11 @@ from config.settings import (
     ErrorThresholds,
     FALLBACK_KINDS,
     FallbackSettings,
+    HTTP1_CLIENTS,
     HostPort,
     LatencyRegression,
     LatencyThresholds,
+    LimitsSettings,
     LoggingSettings,
     PoolSettings,
     RedisSettings,
@@ -61,7 +64,9 @@ from config.settings import (
     redact_url,
 )
 
-__all__ = ["format_problems", "load_settings", "parse_settings"]
+__all__ = ["DEFAULT_MAX_CONFIG_BYTES", "format_problems", "load_settings", "parse_settings"]
+
+DEFAULT_MAX_CONFIG_BYTES = LimitsSettings().max_config_bytes
 
 _ACTIONS = ("pause", "step_back", "rollback")
 _positive = duration(positive=True)
@@ -70,15 +75,14 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
 _HOST_PORT_HINT = 'expected HOST:PORT such as "127.0.0.1:8080" or "[::1]:8080"'
 
 
-def load_settings(path: str | Path, *, env: Mapping[str, str] | None = None) -> Settings:
-    """Read, interpolate and validate the config file at `path`; ConfigError lists every problem."""
+def load_settings(
+    path: str | Path, *, env: Mapping[str, str] | None = None, max_bytes: int = DEFAULT_MAX_CONFIG_BYTES
+) -> Settings:
+    """Read, interpolate and validate the config file at `path`; ConfigError lists every problem.
+    A file over `max_bytes` is rejected before a byte of it is read."""
     filename = str(path)
     absolute = Path(os.path.abspath(path))
-    try:
-        raw = absolute.read_bytes()
-    except OSError as exc:
-        message = f"cannot read the config file: {exc.strerror or exc}"
-        raise ConfigError([Problem(file=filename, line=1, key="", message=message)]) from None
+    raw = _read_capped(absolute, filename, max_bytes)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -88,6 +92,25 @@ def load_settings(path: str | Path, *, env: Mapping[str, str] | None = None) -> 
     environ = os.environ if env is None else env
     settings = parse_settings(text, filename=filename, base_dir=absolute.parent, env=environ)
     return replace(settings, source=absolute)
+
+
+def _read_capped(path: Path, filename: str, max_bytes: int) -> bytes:
+    def fail(message: str) -> ConfigError:
+        return ConfigError([Problem(file=filename, line=1, key="", message=message)])
+
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            raw = handle.read(max_bytes + 1) if size <= max_bytes else b""
+    except OSError as exc:
+        raise fail(f"cannot read the config file: {exc.strerror or exc}") from None
+    if size > max_bytes or len(raw) > max_bytes:
+        size = max(size, len(raw))
+        raise fail(
+            f"the config file is {size:,} bytes, over the {max_bytes:,}-byte cap (limits.max_config_bytes "
+            f"of the config in force, default 1 MiB); it was not read"
+        )
+    return raw
 
 
 def parse_settings(text: str, *, filename: str, base_dir: Path, env: Mapping[str, str]) -> Settings:
@@ -149,6 +172,7 @@ def _settings(reader: Reader, root: MappingNode, base_dir: Path) -> Settings:
         state=_state(top.section("state", StateSettings), base_dir),
         logging=_logging(top.section("logging", LoggingSettings)),
         tls=_tls(top, base_dir),
+        limits=_limits(top.section("limits", LimitsSettings)),
         **top.fields(listen=host_port, drain_timeout=duration(positive=False), workers=workers),
     )
 
@@ -177,7 +201,7 @@ def _upstream(section: Section, name: ArmName) -> UpstreamSettings:
         timeout=TimeoutSettings(**timeout.fields(connect=_positive, total=_positive)),
         pool=pool,
         retries=RetrySettings(**retries.fields(attempts=integer(0, 10), backoff=duration(positive=False))),
-        **section.fields(http2=boolean),
+        **section.fields(http2=boolean, client=choice(*HTTP1_CLIENTS)),
     )
 
 
@@ -371,6 +395,18 @@ def _tls(top: Section, base_dir: Path) -> TlsSettings | None:
 def _logging(section: Section) -> LoggingSettings:
     return LoggingSettings(
         **section.fields(level=choice("debug", "info", "warning", "error"), format=choice("json", "console"))
+    )
+
+
+def _limits(section: Section) -> LimitsSettings:
+    return LimitsSettings(
+        **section.fields(
+            header_timeout=_positive,
+            keepalive_timeout=_positive,
+            max_connections=integer(0),
+            max_config_bytes=byte_size(1024, 1024**3),
+            send_timeout=_positive,
+        )
     )
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "Scalar",
     "Section",
     "boolean",
+    "byte_size",
     "choice",
     "duration",
     "fraction",
@@ -342,6 +343,31 @@ def duration(*, positive: bool) -> Convert[float]:
         if positive and seconds <= 0:
             raise Invalid(f"must be greater than 0, got {scalar.show()}")
         return seconds
+
+    return convert
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_BYTE_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+BYTE_SIZE_EXAMPLES = "such as 512KiB, 1MiB, 2MB or a number of bytes"
+
+
+def byte_size(low: int, high: int) -> Convert[int]:
+    """A size in bytes: a whole number, or text such as "512KiB", "1MiB", "2MB"."""
+
+    def convert(scalar: Scalar) -> int:
+        value = scalar.value
+        if type(value) is int:
+            size = value
+        else:
+            match = _BYTE_SIZE.fullmatch(scalar.text) if isinstance(value, str) else None
+            unit = match.group(2).lower() if match else ""
+            if match is None or unit not in _BYTE_UNITS:
+                raise Invalid(f"expected a size {BYTE_SIZE_EXAMPLES}, got {scalar.show()}")
+            size = int(float(match.group(1)) * _BYTE_UNITS[unit])
+        if not low <= size <= high:
+            raise Invalid(f"must be between {low} and {high} bytes, got {scalar.show()}")
+        return size
 
     return convert
 

@@ -15,6 +15,8 @@ ArmName = Literal["baseline", "canary"]
 ARMS: tuple[ArmName, ArmName] = ("baseline", "canary")
 FallbackKind = Literal["connect", "timeout", "5xx"]
 FALLBACK_KINDS: tuple[FallbackKind, ...] = ("connect", "timeout", "5xx")
+Http1Client = Literal["lean", "aiohttp"]
+HTTP1_CLIENTS: tuple[Http1Client, Http1Client] = ("lean", "aiohttp")
 
 __all__ = [
     "ARMS",
@@ -26,9 +28,12 @@ __all__ = [
     "FALLBACK_KINDS",
     "FallbackKind",
     "FallbackSettings",
+    "HTTP1_CLIENTS",
+    "Http1Client",
     "HostPort",
     "LatencyRegression",
     "LatencyThresholds",
+    "LimitsSettings",
     "LoggingSettings",
     "PoolSettings",
     "RetrySettings",
@@ -82,6 +87,7 @@ class UpstreamSettings:
     name: ArmName
     url: str
     http2: bool = False
+    client: Http1Client = "lean"  # the HTTP/1.1 client (http2: true uses httpx)
     timeout: TimeoutSettings = field(default_factory=TimeoutSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
     retries: RetrySettings = field(default_factory=RetrySettings)
@@ -215,6 +221,17 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LimitsSettings:
+    """What one client, or a config edit, may cost the proxy (CONTRACT §9)."""
+
+    header_timeout: float = 60.0  # a request head must arrive within this
+    keepalive_timeout: float = 75.0  # an idle client connection is closed after this
+    max_connections: int = 0  # client connections at once; 0 = derived from the descriptor limit
+    max_config_bytes: int = 1024 * 1024  # a bigger config file is rejected unread
+    send_timeout: float = 60.0  # a client that reads none of its answer this long is dropped
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     upstreams: Upstreams
     listen: HostPort = HostPort(host="0.0.0.0", port=8080)
@@ -227,6 +244,7 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     tls: TlsSettings | None = None  # None: plain HTTP on `listen`
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     source: Path | None = None  # the file these settings were loaded from
 
 

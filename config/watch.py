@@ -31,6 +31,7 @@ class ConfigStatus:
 class ConfigWatcher:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.present = True  # whether the file was there at the last look
         self._seen: Signature | None = self._signature()
 
     def _signature(self) -> Signature | None:
@@ -43,6 +44,7 @@ class ConfigWatcher:
     def changed(self) -> bool:
         """True once per new signature; False while the file is missing or unchanged."""
         current = self._signature()
+        self.present = current is not None
         if current is None or current == self._seen:
             return False
         self._seen = current

@@ -124,6 +124,22 @@ class JsonFileStore:
             except OSError as exc:
                 raise StateError(f"{self.path}: cannot write the rollout state: {exc}") from exc
 
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Remove the temp files of state writes that never finished (a process killed
+        between writing and renaming one). Under the lock, so no write in progress loses
+        its own; returns what was removed."""
+        removed: list[Path] = []
+        with self._locked():
+            for temp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                try:
+                    temp.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise StateError(f"{temp}: cannot remove a stale temp file: {exc}") from exc
+                removed.append(temp)
+        return removed
+
     def version(self) -> Hashable:
         try:
             return _signature(self.path.stat())

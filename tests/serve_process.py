@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -24,9 +24,13 @@ def write_config(path: Path, text: str) -> Path:
 
 
 class ServeProcess:
-    def __init__(self, config: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, config: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.args = args
+        self.preexec_fn = preexec_fn  # e.g. to lower the child's descriptor limit
         self.env = {**os.environ, **(env or {})}
         self.events: list[dict[str, Any]] = []
         self.proc: asyncio.subprocess.Process | None = None
@@ -38,6 +42,7 @@ class ServeProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "serve", "-c", str(self.config), *self.args,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=self.env,
+            preexec_fn=self.preexec_fn,
         )
         self._reader = asyncio.create_task(self._read_log())
         serving = await self.wait_for_event("serving", timeout=timeout)

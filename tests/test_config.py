@@ -322,7 +322,7 @@ def test_wrong_values_name_the_key_and_the_fix(tmp_path: Path, line: str, messag
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     assert problems(tmp_path, MINIMAL + "listn: ':80'\n") == [
         "6: listn: unknown key (expected one of: upstreams, listen, drain_timeout, workers, admin, routing,"
-        " rollout, analysis, state, logging, tls)",
+        " rollout, analysis, state, logging, tls, limits)",
     ]
 
 
@@ -637,7 +637,7 @@ def test_mark_seen_absorbs_a_change(tmp_path: Path) -> None:
 
 
 def test_loader_public_surface() -> None:
-    assert sorted(config.loader.__all__) == ["format_problems", "load_settings", "parse_settings"]
+    assert sorted(config.loader.__all__) == ["DEFAULT_MAX_CONFIG_BYTES", "format_problems", "load_settings", "parse_settings"]
 
 
 def test_config_imports_neither_proxy_nor_rollout() -> None:

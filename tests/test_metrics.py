@@ -67,7 +67,10 @@ async def test_metrics_match_the_traffic_sent(canary, upstreams):
         "canary_inflight_requests": "gauge", "canary_weight_percent": "gauge", "canary_rollout_state": "gauge",
         "canary_rollbacks": "counter", "canary_config_reloads": "counter", "canary_fallbacks": "counter",
         "canary_shadow_requests": "counter", "canary_shadow_dropped": "counter",
+        "canary_shed": "counter",
     }
+    for reason in ("max_connections", "descriptors", "memory", "pool_exhausted"):
+        assert value(samples, "canary_shed_total", reason=reason) == 0, reason
     for (arm, code), expected in EXPECTED_CODES.items():
         assert value(samples, "canary_requests_total", arm=arm, code=code) == expected, (arm, code)
 

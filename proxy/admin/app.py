@@ -62,6 +62,7 @@ class AdminBackend(Protocol):
     def monotonic(self) -> float: ...
 
     def workers_status(self) -> list[dict[str, Any]] | None: ...
+    def shed_totals(self) -> dict[str, int]: ...
 
 
 class BadRequest(CanaryError):
@@ -256,6 +257,7 @@ def _metrics_source(server: AdminBackend) -> MetricsSource:
         fallbacks=lambda: server.fallback.counts,
         shadow_mirrored=lambda: server.mirror.sent,
         shadow_dropped=lambda: server.mirror.dropped,
+        shed=server.shed_totals,
     )
 
 

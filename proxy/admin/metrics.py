@@ -38,6 +38,7 @@ class MetricsSource:
     fallbacks: Callable[[], Mapping[str, int]] = dict  # kind -> canary requests replayed on the baseline
     shadow_mirrored: Callable[[], int] = int  # copies sent to the canary during shadow
     shadow_dropped: Callable[[], Mapping[str, int]] = dict  # reason -> copies not sent
+    shed: Callable[[], Mapping[str, int]] = dict  # reason -> requests refused for the proxy's own lack
 
 
 def histogram_buckets(latency_totals: Sequence[int]) -> list[tuple[str, float]]:
@@ -73,6 +74,7 @@ class CanaryCollector(Collector):
         yield self._reloads()
         yield self._fallbacks()
         yield from self._shadow()
+        yield self._shed()
 
     def _requests(self, arms: dict[str, ArmTotals]) -> Metric:
         family = CounterMetricFamily(
@@ -129,6 +131,16 @@ class CanaryCollector(Collector):
         )
         for kind, total in self.source.fallbacks().items():
             family.add_metric([kind], float(total))
+        return family
+
+    def _shed(self) -> Metric:
+        family = CounterMetricFamily(
+            "canary_shed_total",
+            "Requests the proxy refused (503) for want of its own resources, by reason; never counted against an arm.",
+            labels=["reason"],
+        )
+        for reason, count in self.source.shed().items():
+            family.add_metric([reason], float(count))
         return family
 
 

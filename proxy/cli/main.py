@@ -96,6 +96,13 @@ def _serve(path: str, workers: int | None = None) -> int:
         return EXIT_USAGE
     from proxy.front.server import CanaryServer
     from proxy.logs import configure_logging
+    from proxy.upstream.pool import client_override
+
+    try:
+        client_override()
+    except ValueError as exc:
+        print(f"canary serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
     _install_uvloop()

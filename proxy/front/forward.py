@@ -21,16 +21,17 @@ import structlog
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
-from config.errors import UpstreamError, UpstreamTimeout
+from config.errors import PoolExhausted, ProxyOverloaded, UpstreamError, UpstreamTimeout
 from config.settings import ArmName, FallbackKind, FallbackSettings
 from proxy.upstream.base import Transport, UpstreamResponse
 from proxy.front.fallback import FALLBACK_HEADER, BodyNotKept, Fallback, FallbackNeeded, failure_kind
 from proxy.front.headers import client_response_headers, upstream_request_headers
 from proxy.front.routing import Router
 from proxy.front.shadow import Mirror
+from proxy.front.shedding import RETRY_AFTER, Shedding
 from rollout.evidence import ArmRecorder, OutcomeRecorder
 
-__all__ = ["PROXY_SERVER_OPTIONS", "ProxyHandler", "ProxyState", "forward", "make_proxy_handler", "make_proxy_server"]
+__all__ = ["PROXY_SERVER_OPTIONS", "REFUSED_METHODS", "ProxyHandler", "ProxyState", "forward", "make_proxy_handler", "make_proxy_server"]
 
 log = structlog.get_logger("canary.proxy")
 
@@ -51,7 +52,9 @@ class ProxyState:
         clock: Callable[[], float],
         fallback: Fallback | None = None,
         mirror: Mirror | None = None,
+        shedding: Shedding | None = None,
     ) -> None:
+        self.shedding = shedding or Shedding()  # refusals for the proxy's own lack of resources
         self.router = router
         self.recorder = recorder
         self.recorders: dict[ArmName, ArmRecorder] = recorder.arms
@@ -65,12 +68,14 @@ def make_proxy_handler(state: ProxyState) -> ProxyHandler:
     return functools.partial(forward, state=state)
 
 
-def make_proxy_server(state: ProxyState, **kwargs: Any) -> web.Server:
-    """The proxy listener's aiohttp server; `kwargs` go to `web.Server` (e.g. access_log).
+def make_proxy_server(
+    state: ProxyState, *, server_class: Callable[..., web.Server] = web.Server, **kwargs: Any
+) -> web.Server:
+    """The proxy listener's aiohttp server; `kwargs` go to `server_class` (e.g. access_log).
     A client that goes away cancels its handler, so its upstream exchange stops at once
     (and, as aiohttp's test server does too, tests see what production does)."""
     options = {**PROXY_SERVER_OPTIONS, "handler_cancellation": True, **kwargs}
-    return web.Server(make_proxy_handler(state), **options)
+    return server_class(make_proxy_handler(state), **options)
 
 
 def _target(request: web.BaseRequest) -> str:
@@ -89,7 +94,24 @@ def _error_response(exc: UpstreamError, arm: ArmName, arm_header: str) -> web.Re
     return response
 
 
+# A tunnel (CONNECT) has no place behind a reverse proxy, and its bytes after the head are
+# not HTTP: forwarded, they poison a pooled upstream connection. TRACE reflects the
+# request (cookies included) back; nginx refuses both too.
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+_ALLOWED = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+def _refuse_method(request: web.BaseRequest) -> web.Response:
+    """405 from the proxy itself; the connection closes (what follows the head is unknown)."""
+    body = json.dumps({"error": f"method {request.method} is not forwarded by this proxy"})
+    response = web.Response(status=405, text=body, content_type="application/json", headers={"Allow": _ALLOWED})
+    response.force_close()
+    return response
+
+
 async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamResponse:
+    if request.method in REFUSED_METHODS:
+        return _refuse_method(request)
     router = state.router
     arm = router.choose_arm(request)
     request_headers = request.headers
@@ -149,6 +171,11 @@ async def _exchange(
     try:
         upstream = await state.transports[arm].send(request.method, _target(request), headers, body)
     except UpstreamError as exc:
+        if isinstance(exc, (ProxyOverloaded, PoolExhausted)):  # the proxy's own limits
+            recorder.abandon(request_id)  # never the arm's error
+            if isinstance(exc, PoolExhausted) and "connect" in fallback_on:
+                raise FallbackNeeded("connect") from None
+            return _shed(state, exc, arm)
         if _client_gone(request):  # its upload broke off: not the upstream's fault
             recorder.abandon(request_id)
             return web.Response(status=499, reason="Client Closed Request")  # never delivered
@@ -186,6 +213,14 @@ async def _exchange(
         return await _stream_back(request, upstream, response_headers, recorder, request_id, clock)
     finally:
         await upstream.aclose()
+
+
+def _shed(state: ProxyState, exc: ProxyOverloaded | PoolExhausted, arm: ArmName) -> web.Response:
+    """503 + Retry-After for a request the proxy could not take on; never the arm's error."""
+    state.shedding.shed(exc.reason if isinstance(exc, ProxyOverloaded) else "pool_exhausted", str(exc))  # type: ignore[arg-type]
+    response = _error_response(exc, arm, state.router.snapshot.arm_header)
+    response.headers["Retry-After"] = RETRY_AFTER
+    return response
 
 
 async def _stream_back(

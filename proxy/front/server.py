@@ -9,30 +9,35 @@ low-level `web.Server`, which has no cleanup context) has drained.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import signal
 import ssl
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import structlog
 from aiohttp import web
 
-from config.errors import ConfigError
+from config.errors import ConfigError, StateError
 from config.loader import load_settings
 from config.settings import Settings
 from config.watch import ConfigStatus, ConfigWatcher
 from proxy.admin.app import make_admin_app
-from proxy.front.routing import Router, RoutingSnapshot
-from proxy.front.tls import ListenerTls
-from proxy.upstream.pool import UpstreamClients
 from proxy.front.fallback import Fallback
 from proxy.front.shadow import Mirror, MirrorLimits
 from proxy.front.forward import ProxyState, make_proxy_server
-from proxy.front.worker import summed_fallbacks
+from proxy.front.guard import ConnectionGuard, GuardedAppRunner, GuardedServer, ListenerLimits
+from proxy.front.resources import DescriptorLimit, raise_descriptor_limit
+from proxy.front.routing import Router, RoutingSnapshot
+from proxy.front.shedding import Shedding
+from proxy.front.tls import ListenerTls
+from proxy.front.worker import summed_fallbacks, summed_shedding
 from proxy.front.workers import WorkerPool
+from proxy.upstream.pool import CLIENT_ENV, UpstreamClients, client_override
 from rollout.controller import RolloutController
 from rollout.evidence import EvidenceSource, OutcomeRecorder
 from rollout.redis_store import RedisKeys, RedisLink, RedisStore
@@ -44,10 +49,22 @@ __all__ = ["CanaryServer", "token_path"]
 log = structlog.get_logger("canary.server")
 _WATCH_EVERY = 0.25  # seconds between config-file polls
 _SETTLE = 0.2  # a changed file must stay unchanged this long before it is read
+_ADMIN_MAX_CONNECTIONS = 64  # the admin listener's own cap (dashboards, scrapers, the CLI)
 
 
 def token_path(settings: Settings) -> Path:
     return settings.state.path.parent / "admin.token"
+
+
+def _remove_stale_temp_files(store: JsonFileStore) -> None:
+    """Temp files left by a state write that was killed halfway (SIGKILL, power loss)."""
+    try:
+        removed = store.remove_stale_temp_files()
+    except StateError as exc:
+        log.warning("stale_temp_files_kept", error=str(exc))
+        return
+    if removed:
+        log.info("stale_temp_files_removed", files=[str(path) for path in removed])
 
 
 def series_step(interval: float) -> float:
@@ -83,6 +100,11 @@ class CanaryServer:
             clock=lambda: asyncio.get_running_loop().time(),
         )
         self.mirror.configure(settings.rollout, MirrorLimits.from_settings(settings))
+        self.shedding = Shedding()
+        self.descriptors: DescriptorLimit | None = None
+        self.proxy_guard: ConnectionGuard | None = None
+        self.admin_guard: ConnectionGuard | None = None
+        self._workers_shed: dict[str, int] = {}
         self.upstreams: UpstreamClients | None = None
         self.proxy_state: ProxyState | None = None
         self.controller: RolloutController | None = None
@@ -90,6 +112,10 @@ class CanaryServer:
         self.tls: ListenerTls | None = None
         self._watcher = ConfigWatcher(settings.source) if settings.source else None
         self._pending_since: float | None = None
+        self._missing_since: float | None = None
+        self._missing_reported = False
+        self._reload_task: asyncio.Future[None] | None = None
+        self._reload_again = False
         self._runners: list[web.BaseRunner] = []
         self._started = asyncio.Event()
         self.proxy_port = 0
@@ -116,17 +142,21 @@ class CanaryServer:
         behind but the token file (reused next time): no client sessions, no state written."""
         loop = asyncio.get_running_loop()
         self._ensure_token()
+        self._guard_listeners()
         self.tls = ListenerTls(self.settings.tls) if self.settings.tls else None
         if self.pool is None:
             self.upstreams = UpstreamClients(self.settings.upstreams)
             self.proxy_state = ProxyState(
                 router=self.router, recorder=self._local, transports=self.upstreams.transports, clock=loop.time,
-                fallback=self.fallback, mirror=self.mirror,
+                fallback=self.fallback, mirror=self.mirror, shedding=self.shedding,
             )
-        store: StateStore = JsonFileStore(self.settings.state.path)
+        files = JsonFileStore(self.settings.state.path)
+        store: StateStore = files
         evidence = self.recorder
         if self.settings.state.backend == "redis":
             store, evidence = self._join_replicas(loop.time)
+        else:
+            _remove_stale_temp_files(files)
         self.controller = RolloutController(
             self.settings,
             recorder=evidence,
@@ -155,6 +185,7 @@ class CanaryServer:
             admin=f"http://{self.settings.admin.listen.host}:{self.admin_port}",
             weight=self.weight(),
             config=self.config.path,
+            max_connections=self.proxy_guard.limits.max_connections if self.proxy_guard else None,
         )
 
     def _join_replicas(self, monotonic: Callable[[], float]) -> tuple[StateStore, EvidenceSource]:
@@ -178,17 +209,35 @@ class CanaryServer:
             )
         self.replica.listen(self.controller.refresh)
 
+    def _guard_listeners(self) -> None:
+        """Raise the descriptor limit (logged both ways) and size both listeners' guards."""
+        self.descriptors = limit = raise_descriptor_limit()
+        log.info("descriptor_limit", soft_before=limit.soft_before, soft=limit.soft, hard=limit.hard, error=limit.error)
+        if client_override():
+            log.warning("deprecated_environment", variable=CLIENT_ENV, use="upstreams.NAME.client in the config")
+        proxy_limits = ListenerLimits.from_settings(self.settings.limits, limit.soft)
+        self.proxy_guard = ConnectionGuard(proxy_limits, self.shedding)
+        self.admin_guard = ConnectionGuard(replace(proxy_limits, max_connections=_ADMIN_MAX_CONNECTIONS), self.shedding)
+
+    def shed_totals(self) -> dict[str, int]:
+        """Requests refused for the proxy's own lack of resources, by reason (this
+        process's listeners and every worker's)."""
+        own = self.shedding.snapshot()
+        return {reason: count + self._workers_shed.get(reason, 0) for reason, count in own.items()}
+
     async def _bind(self) -> None:
         admin_app = make_admin_app(self)
         admin_app.cleanup_ctx.append(self._tick_ctx)
         drain = {"handle_signals": False, "shutdown_timeout": self.settings.drain_timeout}
         if self.pool:  # the workers serve the proxy listener
             self.proxy_port = self.pool.bind()
-        else:  # the low-level server: no URL dispatch on the hot path
-            proxy_runner = web.ServerRunner(make_proxy_server(self.proxy_state, access_log=None), **drain)
+        else:  # the low-level server, guarded: no URL dispatch on the hot path
+            server_class = functools.partial(GuardedServer, guard=self.proxy_guard)
+            proxy_server = make_proxy_server(self.proxy_state, access_log=None, server_class=server_class)
+            proxy_runner = web.ServerRunner(proxy_server, **drain)
             tls = self.tls.context if self.tls else None
             self.proxy_port = await self._listen(proxy_runner, self.settings.listen.host, self.settings.listen.port, tls)
-        admin_runner = web.AppRunner(admin_app, access_log=None, **drain)
+        admin_runner = GuardedAppRunner(admin_app, guard=self.admin_guard, access_log=None, **drain)
         self.admin_port = await self._listen(admin_runner, self.settings.admin.listen.host, self.settings.admin.listen.port)
 
     async def _listen(self, runner: web.BaseRunner, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
@@ -203,6 +252,8 @@ class CanaryServer:
         Every step runs even if an earlier one failed: a shutdown always finishes."""
         if not quiet:
             log.info("draining", timeout=self.settings.drain_timeout)
+        if self._reload_task is not None:
+            self._reload_task.cancel()
         if self.pool is not None:
             try:
                 await self.pool.stop()
@@ -276,6 +327,7 @@ class CanaryServer:
                         await self.pool.collect(timeout=min(0.5, self.settings.analysis.interval / 2))
                         summed_fallbacks(self.pool.evidence.counters(), into=self.fallback)
                         self.mirror.absorb(self.pool.evidence.counters())
+                        self._workers_shed = summed_shedding(self.pool.evidence.counters())
                     if self.replica:  # this replica's counts out, everyone's in: one round trip
                         await self.replica.exchange()
                     self.controller.tick()
@@ -291,21 +343,63 @@ class CanaryServer:
         if self._watcher.changed():
             self._pending_since = now  # wait for the editor to finish writing
         elif self._pending_since is not None and now - self._pending_since >= _SETTLE:
-            self._pending_since = None
-            self.reload()
+            self.request_reload()
+        self._watch_missing(now)
 
-    def reload(self) -> bool:
-        """Re-read the config file; a bad one is reported and the last good one kept.
-        Before the rollout state is loaded (a SIGHUP during start-up) there is nothing to
-        apply it to: the file is read at start anyway."""
-        path = self.settings.source
-        if path is None or not self._started.is_set():
-            return False
+    def _watch_missing(self, now: float) -> None:
+        """A file gone for longer than the settle time is reported (in /status and the
+        log) while the last good config keeps serving; once back, it is read again."""
+        assert self._watcher is not None
+        if self._watcher.present:
+            if self._missing_since is not None:
+                reported, self._missing_since = self._missing_reported, None
+                self._missing_reported = False
+                if reported:
+                    self.request_reload()
+            return
+        if self._missing_since is None:
+            self._missing_since = now
+        elif not self._missing_reported and now - self._missing_since >= _SETTLE:
+            self._missing_reported = True
+            path = self.settings.source
+            self.config.error = (
+                f"{path}: the config file is missing; the last good config keeps serving "
+                f"(restore the file: it is read again as soon as it is back)"
+            )
+            log.error("config_missing", path=str(path))
+
+    def request_reload(self) -> None:
+        """Reload in the background (SIGHUP, or an edit the poll saw): one at a time, and
+        once more after the current one when asked again meanwhile."""
+        if self.settings.source is None or not self._started.is_set():
+            return  # before the state is loaded there is nothing to apply it to
         if self._watcher is not None:  # this read covers the edit the poll may also have seen
             self._watcher.mark_seen()
             self._pending_since = None
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True
+            return
+        self._reload_task = asyncio.ensure_future(self._reload_until_current())
+
+    async def _reload_until_current(self) -> None:
+        while True:
+            self._reload_again = False
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("reload_failed")
+            if not self._reload_again:
+                return
+
+    async def reload(self) -> bool:
+        """Re-read the config file; a bad one is reported and the last good one kept. The
+        file is read and parsed off the event loop (requests keep flowing), and one over
+        `limits.max_config_bytes` is rejected unread."""
+        path = self.settings.source
+        if path is None or not self._started.is_set():
+            return False
         try:
-            fresh = load_settings(path)
+            fresh = await asyncio.to_thread(load_settings, path, max_bytes=self.settings.limits.max_config_bytes)
         except ConfigError as exc:
             self.config.error = str(exc)
             self.config.reloads_failed += 1
@@ -339,6 +433,10 @@ class CanaryServer:
         self.router.set_routing(fresh.routing)
         self.fallback.configure(fresh.routing.fallback, body_timeout=fresh.upstreams.canary.timeout.total)
         self.mirror.configure(fresh.rollout, MirrorLimits.from_settings(fresh))
+        if fresh.limits != old.limits and self.proxy_guard is not None and self.descriptors is not None:
+            self.proxy_guard.limits = limits = ListenerLimits.from_settings(fresh.limits, self.descriptors.soft)
+            if self.admin_guard is not None:
+                self.admin_guard.limits = replace(limits, max_connections=_ADMIN_MAX_CONNECTIONS)
         if self.upstreams is not None and fresh.upstreams != old.upstreams:
             self.proxy_state.transports = self.upstreams.replace(fresh.upstreams, drain=old.drain_timeout)
         self.settings = fresh
@@ -358,7 +456,7 @@ class CanaryServer:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         await self.start()
         await stop.wait()
         await self.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -25,15 +26,18 @@ from config.settings import Settings
 from proxy.front.channel import Hello, Ready, Reconfigure, Sync, receive, send
 from proxy.front.fallback import Fallback
 from proxy.front.forward import ProxyState, make_proxy_server
+from proxy.front.guard import ConnectionGuard, GuardedServer, ListenerLimits
+from proxy.front.resources import raise_descriptor_limit
 from proxy.front.routing import Router, RoutingSnapshot
 from proxy.front.shadow import Mirror, MirrorLimits
+from proxy.front.shedding import Shedding
 from proxy.front.tls import ListenerTls
 from proxy.logs import configure_logging
 from proxy.upstream.pool import UpstreamClients
 from rollout.evidence import OutcomeRecorder
 from rollout.summed import WorkerReport, report_of
 
-__all__ = ["ProxyWorker", "fallback_counters", "install_uvloop", "main", "summed_fallbacks"]
+__all__ = ["ProxyWorker", "fallback_counters", "install_uvloop", "main", "summed_fallbacks", "summed_shedding"]
 
 log = structlog.get_logger("canary.worker")
 
@@ -66,10 +70,15 @@ class ProxyWorker:
                 transport=lambda: self.state.transports["canary"],
                 clock=asyncio.get_running_loop().time,
             ),
+            shedding=Shedding(),
         )
         self.state.mirror.configure(hello.settings.rollout, MirrorLimits.from_settings(hello.settings))
         self.tls = ListenerTls(hello.settings.tls) if hello.settings.tls else None
-        server = make_proxy_server(self.state, access_log=None)
+        # its own descriptors, its own connection cap (inherited limit already raised)
+        self.descriptors = raise_descriptor_limit()
+        self.guard = ConnectionGuard(ListenerLimits.from_settings(hello.settings.limits, self.descriptors.soft), self.state.shedding)
+        server_class = functools.partial(GuardedServer, guard=self.guard)
+        server = make_proxy_server(self.state, access_log=None, server_class=server_class)
         self._runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=hello.settings.drain_timeout
         )
@@ -101,7 +110,7 @@ class ProxyWorker:
     def report(self) -> WorkerReport:
         now = self.state.clock()
         self.recorder.sweep(now)
-        counters = {**fallback_counters(self.fallback), **self.state.mirror.counters()}
+        counters = {**fallback_counters(self.fallback), **self.state.mirror.counters(), **shed_counters(self.state.shedding)}
         return report_of(self.recorder.arms, self.stage_id, now, counters=counters)
 
     def reconfigure(self, fresh: Settings) -> None:
@@ -113,6 +122,7 @@ class ProxyWorker:
         self.router.set_routing(fresh.routing)
         self.fallback.configure(fresh.routing.fallback, body_timeout=fresh.upstreams.canary.timeout.total)
         self.state.mirror.configure(fresh.rollout, MirrorLimits.from_settings(fresh))
+        self.guard.limits = ListenerLimits.from_settings(fresh.limits, self.descriptors.soft)
         if self.tls is not None and fresh.tls is not None:  # on/off needs a restart
             self.tls.load(fresh.tls)
         if fresh.upstreams != old.upstreams:
@@ -188,6 +198,19 @@ def summed_fallbacks(counters: dict[str, int], into: Fallback) -> None:
     for name, count in counters.items():
         if name.startswith(_FALLBACK):
             into.counts[name.removeprefix(_FALLBACK)] = count  # type: ignore[index]
+
+
+_SHED = "shed:"
+
+
+def shed_counters(shedding: Shedding) -> dict[str, int]:
+    """A worker's refusals for want of its own resources as report counters (`shed:REASON`)."""
+    return {_SHED + reason: count for reason, count in shedding.snapshot().items()}
+
+
+def summed_shedding(counters: dict[str, int]) -> dict[str, int]:
+    """The workers' summed refusals by reason, from the summed report counters."""
+    return {name.removeprefix(_SHED): count for name, count in counters.items() if name.startswith(_SHED)}
 
 
 def install_uvloop() -> None:

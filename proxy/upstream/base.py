@@ -9,6 +9,7 @@ imports none of them.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol
@@ -16,9 +17,26 @@ from typing import Protocol
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from config.errors import PoolExhausted
+from config.errors import PoolExhausted, ProxyOverloaded
 
-__all__ = ["PoolGate", "Transport", "UpstreamResponse", "describe"]
+__all__ = [
+    "MAX_RESPONSE_HEAD_BYTES",
+    "MAX_RESPONSE_HEADERS",
+    "PoolGate",
+    "Transport",
+    "UpstreamResponse",
+    "delimited_by_close",
+    "describe",
+    "overloaded",
+    "shortage_reason",
+]
+
+# An upstream's response head beyond these is refused (502), whichever client reads it
+# (nginx: proxy_buffer_size, 4-8 KiB; Envoy: 60 KiB and 100 headers).
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+MAX_RESPONSE_HEADERS = 128
+
+_SHORTAGES = {errno.EMFILE: "descriptors", errno.ENFILE: "descriptors", errno.ENOMEM: "memory", errno.ENOBUFS: "memory"}
 
 
 class UpstreamResponse(Protocol):
@@ -117,3 +135,35 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return f"{name}: the upstream closed the connection"
     return name
+
+
+def shortage_reason(exc: BaseException | None) -> str | None:
+    """"descriptors" or "memory" when `exc` (or what caused it) is the proxy running out
+    of its own resources (EMFILE, ENFILE, ENOMEM, ENOBUFS), else None."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _SHORTAGES:
+            return _SHORTAGES[exc.errno]
+        os_error = getattr(exc, "os_error", None)  # aiohttp's ClientConnectorError
+        if isinstance(os_error, OSError) and os_error.errno in _SHORTAGES:
+            return _SHORTAGES[os_error.errno]
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def overloaded(arm: str, exc: BaseException) -> ProxyOverloaded | None:
+    """The `ProxyOverloaded` to raise instead of `exc`, when that is a shortage of the proxy's."""
+    reason = shortage_reason(exc)
+    if reason is None:
+        return None
+    return ProxyOverloaded(arm, f"{arm}: the proxy is out of {reason} ({describe(exc)})", reason=reason)
+
+
+def delimited_by_close(status: int, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
+    """Whether a response's body ends only when the upstream closes the connection
+    (RFC 9112 §6.3): then a reset, not a close, means the body was cut short."""
+    return (
+        status >= 200 and status not in (204, 304)
+        and "Content-Length" not in headers and "Transfer-Encoding" not in headers
+    )

@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from config.errors import PoolExhausted, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from config.settings import UpstreamSettings
-from proxy.upstream.base import UpstreamResponse
+from proxy.upstream.base import UpstreamResponse, overloaded
 
 __all__ = ["HttpxTransport"]
 
@@ -104,7 +104,7 @@ class HttpxTransport:
                     response = await self._transport.handle_async_request(request)
                 return _HttpxResponse(self, response, deadline)
             except _CONNECT_FAILURES as exc:
-                if attempt >= self._retries.attempts:
+                if attempt >= self._retries.attempts or overloaded(self._arm, exc) is not None:
                     raise _translate(self._arm, exc) from None
                 await asyncio.sleep(self._retries.backoff * 2**attempt)
                 attempt += 1
@@ -119,6 +119,8 @@ class HttpxTransport:
 
 
 def _translate(arm: str, exc: BaseException) -> UpstreamError:
+    if (shortage := overloaded(arm, exc)) is not None:
+        return shortage
     if isinstance(exc, httpx.PoolTimeout):
         return PoolExhausted(arm, f"{arm}: all connections busy")
     if isinstance(exc, (TimeoutError, httpx.TimeoutException)):

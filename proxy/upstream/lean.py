@@ -1,11 +1,11 @@
-"""A lean HTTP/1.1 upstream client behind the `Transport` interface (opt-in).
+"""The lean HTTP/1.1 upstream client behind the `Transport` interface (the default).
 
 Why: as a proxy's upstream client, `aiohttp.ClientSession` costs ~130 µs of CPU per
 request on this machine (request/response objects, URL and auto-header handling, timer
 contexts, connector bookkeeping) against ~27 µs here, measured as a bare client loop on
 one core. This client does only what a proxy needs: one pooled keep-alive connection per
 request, the request head written in one call, the response parsed in C by httptools,
-one timer for the total timeout. Enable it with CANARY_HTTP1_CLIENT=lean.
+one timer for the total timeout. `upstreams.NAME.client: aiohttp` picks aiohttp's instead.
 
 Same contract as `AiohttpTransport`: streaming both ways (request bodies are sent
 chunked), `max_connections` requests in flight (waiting longer than the connect timeout
@@ -29,7 +29,7 @@ from yarl import URL
 from config.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from config.settings import UpstreamSettings
 from proxy.upstream.lean_wire import Connection, Exchange
-from proxy.upstream.base import PoolGate, UpstreamResponse
+from proxy.upstream.base import PoolGate, UpstreamResponse, overloaded
 
 __all__ = ["Http1Transport"]
 
@@ -135,6 +135,8 @@ class Http1Transport:
                     )
                 return conn
             except (OSError, TimeoutError) as exc:
+                if (shortage := overloaded(self.arm, exc)) is not None:
+                    raise shortage from None  # the proxy's own lack: no retry, not the arm's fault
                 # Nothing was sent yet, so a retry cannot repeat a side effect.
                 if attempt >= self._retries.attempts:
                     raise self._connect_error(exc) from None

@@ -16,11 +16,12 @@ import httptools
 from multidict import CIMultiDict
 
 from config.errors import UpstreamConnectError, UpstreamTimeout
-from proxy.upstream.base import describe
+from proxy.upstream.base import MAX_RESPONSE_HEAD_BYTES, MAX_RESPONSE_HEADERS, describe
 
 __all__ = ["Connection", "ConnectionOwner", "Exchange"]
 
 _HIGH_WATER = 256 * 1024  # body bytes buffered for a slow client before reading pauses
+_TOO_LARGE = f"the upstream's response head is over {MAX_RESPONSE_HEAD_BYTES} bytes or {MAX_RESPONSE_HEADERS} headers"
 
 
 class ConnectionOwner(Protocol):
@@ -154,7 +155,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "owner", "loop", "transport", "exchange", "reusable", "idle_since", "in_idle", "_parser",
         "_fresh_parser", "_headers", "_reason", "_interim", "_until_eof", "_reading_paused",
-        "_write_paused", "_drain",
+        "_write_paused", "_drain", "_head_bytes", "_raw_head",
     )
 
     def __init__(self, owner: ConnectionOwner, loop: asyncio.AbstractEventLoop) -> None:
@@ -174,6 +175,8 @@ class Connection(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._head_bytes = 0
+        self._raw_head = 0  # bytes received before the final response head was complete
 
     # -- asyncio.Protocol -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -186,23 +189,33 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         exchange.received = True
+        unfinished_head = exchange.headers is None
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            arm = self.owner.arm
-            exchange.fail(UpstreamConnectError(arm, f"{arm}: invalid HTTP response from upstream: {exc}"))
-            self.abort()
+            too_large = isinstance(exc.__context__, _HeadTooLarge)
+            self._refuse(exchange, _TOO_LARGE if too_large else f"invalid HTTP response from upstream: {exc}")
+        else:
+            if unfinished_head:
+                self._raw_head += len(data)
+                if exchange.headers is None and self._raw_head > MAX_RESPONSE_HEAD_BYTES:
+                    self._refuse(exchange, _TOO_LARGE)  # httptools would buffer it all
         if self._fresh_parser:  # after a HEAD response the parser still expects a body
             self._fresh_parser = False
             self._parser = httptools.HttpResponseParser(self)
+
+    def _refuse(self, exchange: Exchange, detail: str) -> None:
+        arm = self.owner.arm
+        exchange.fail(UpstreamConnectError(arm, f"{arm}: {detail}"))
+        self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         self.owner.forget(self)
         exchange = self.exchange
         if exchange is not None and not exchange.complete:
-            if self._until_eof and exchange.headers is not None:
-                exchange.on_complete()  # the body was delimited by the close
+            if self._until_eof and exchange.headers is not None and exc is None:
+                exchange.on_complete()  # the body was delimited by the close (a reset cuts it short)
             else:
                 arm = self.owner.arm
                 detail = "closed the connection" if exc is None else f"broke the connection: {describe(exc)}"
@@ -220,12 +233,23 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._reason = b""
+        self._head_bytes = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
+        self._count_head(len(status))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        if len(self._headers) > MAX_RESPONSE_HEADERS:
+            raise _HeadTooLarge
+
+    def _count_head(self, size: int) -> None:
+        """httptools has no cap of its own; it may also hand over a line in pieces."""
+        self._head_bytes += size
+        if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+            raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -262,6 +286,7 @@ class Connection(asyncio.Protocol):
     ) -> None:
         self.exchange = exchange
         self._until_eof = False
+        self._raw_head = 0
         self.transport.write(head)  # type: ignore[union-attr]
         if body is not None:
             exchange.body_task = self.loop.create_task(self._send_body(exchange, body, chunked))
@@ -326,6 +351,10 @@ class Connection(asyncio.Protocol):
         self.reusable = False
         if self.transport is not None:
             self.transport.close()
+
+
+class _HeadTooLarge(Exception):
+    """The response head passed MAX_RESPONSE_HEAD_BYTES or MAX_RESPONSE_HEADERS."""
 
 
 class _Closed(Exception):

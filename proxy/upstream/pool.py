@@ -7,13 +7,13 @@ import os
 
 import structlog
 
-from config.settings import ARMS, ArmName, Upstreams, UpstreamSettings
+from config.settings import ARMS, HTTP1_CLIENTS, ArmName, Upstreams, UpstreamSettings
 from proxy.upstream.base import Transport
 from proxy.upstream.http2 import HttpxTransport
 from proxy.upstream.lean import Http1Transport
 from proxy.upstream.session import AiohttpTransport
 
-__all__ = ["HTTP1_CLIENTS", "UpstreamClients", "make_transport"]
+__all__ = ["CLIENT_ENV", "HTTP1_CLIENTS", "UpstreamClients", "client_override", "make_transport"]
 
 log = structlog.get_logger("canary.upstreams")
 
@@ -61,18 +61,25 @@ class UpstreamClients:
             await transport.close()
 
 
-HTTP1_CLIENTS = ("aiohttp", "lean")
+CLIENT_ENV = "CANARY_HTTP1_CLIENT"  # deprecated: `upstreams.NAME.client` in the config
+
+
+def client_override() -> str | None:
+    """The deprecated environment override of `upstreams.NAME.client`, if set (ValueError
+    when it names no client)."""
+    choice = os.environ.get(CLIENT_ENV) or None
+    if choice is not None and choice not in HTTP1_CLIENTS:
+        raise ValueError(f"{CLIENT_ENV}={choice!r}: use one of {', '.join(HTTP1_CLIENTS)} (better: upstreams.NAME.client)")
+    return choice
 
 
 def make_transport(upstream: UpstreamSettings, *, http1_client: str | None = None) -> Transport:
-    """The client for one upstream. HTTP/1.1 upstreams use `aiohttp.ClientSession`, or the
-    lean `proxy.upstream.lean` client when `http1_client` (default: the environment
-    variable CANARY_HTTP1_CLIENT) is "lean"."""
+    """The client for one upstream: httpx for `http2: true`, else the HTTP/1.1 client named
+    by `http1_client`, the deprecated CANARY_HTTP1_CLIENT variable, or `upstream.client`
+    (default lean), in that order."""
     if upstream.http2:
         return HttpxTransport(upstream)
-    choice = http1_client or os.environ.get("CANARY_HTTP1_CLIENT") or "aiohttp"
-    if choice not in HTTP1_CLIENTS:
-        raise ValueError(f"CANARY_HTTP1_CLIENT={choice!r}: use one of {', '.join(HTTP1_CLIENTS)}")
-    if choice == "lean":
-        return Http1Transport(upstream)
-    return AiohttpTransport(upstream)
+    choice = http1_client or client_override() or upstream.client
+    if choice == "aiohttp":
+        return AiohttpTransport(upstream)
+    return Http1Transport(upstream)
