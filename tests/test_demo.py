@@ -115,6 +115,25 @@ async def test_demo_rolls_back_a_failing_canary_and_says_why(tmp_path: Path) -> 
     assert took < 45
 
 
+async def test_demo_protect_rolls_back_a_broken_canary_while_clients_see_no_error(tmp_path: Path) -> None:
+    code, out, err, _took = await run_demo(tmp_path, "--protect", "--canary-error-rate", "0.3")
+
+    assert code == 0, err
+    assert re.search(r"^Result:\s+ROLLED BACK", out, re.M), out
+    assert re.search(r"^\s+0\.\ds START 0% -> 0% \(config, now shadow\)", out, re.M), out
+    assert re.search(r"^Stages:\s+shadow for +\d+\.\ds, then rolled back to 0%$", out, re.M), out
+    protected = re.search(
+        r"^Protected:\s+errors seen by clients (\d+) vs errors the canary made (\d+) \((\d+) shadow copies sent",
+        out, re.M,
+    )
+    assert protected, out
+    client_errors, canary_errors, mirrored = map(int, protected.groups())
+    assert client_errors == 0 and canary_errors >= 10 and mirrored >= 20
+    assert re.search(r"served by baseline [\d,]+ \(0 failed\), canary 0 \(0 failed\)", out), out
+    transitions = [e for e in logged_events(out) if e["event"] == "rollout_transition"]
+    assert [(e["action"], e["state"]) for e in transitions] == [("start", "shadow"), ("rollback", "rolled_back")]
+
+
 async def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
     demo = await DemoProcess.start(tmp_path)
     await demo.wait_for_line(r"START 0% -> 5%")

@@ -36,6 +36,9 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     demo.add_argument("--seed", type=int, default=None, metavar="N",
                       help="seed for the simulated upstreams and the traffic (default: random, printed)")
     demo.add_argument("--fast", action="store_true", help="short bakes: the whole story in well under a minute")
+    demo.add_argument("--protect", action="store_true",
+                      help="protect users: a shadow stage first (copies of calls to the canary, answers "
+                      "discarded) and fallback to the baseline for failed canary calls")
     demo.add_argument("--keep-running", action="store_true",
                       help="afterwards leave the proxy, dashboard and traffic up until Ctrl-C")
     demo.add_argument("--time-limit", type=_seconds, default=None, metavar="S",
@@ -68,7 +71,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 100_000)
     options = DemoOptions(
         canary_error_rate=args.canary_error_rate, canary_latency=args.canary_latency, seed=seed,
-        fast=args.fast, keep_running=args.keep_running, time_limit=args.time_limit,
+        fast=args.fast, keep_running=args.keep_running, protect=args.protect, time_limit=args.time_limit,
     )
     try:
         from proxy.demo.run import run_demo

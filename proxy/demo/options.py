@@ -14,6 +14,7 @@ class Pace:
     """How fast the story runs: the rollout and analysis timings, the simulated latency."""
 
     bake: str
+    shadow: str  # with --protect: the shadow stage before the first live stage
     interval: str
     window: str
     min_requests: int  # rollout.min_requests
@@ -30,12 +31,12 @@ class Pace:
 
 
 FAST = Pace(
-    bake="2s", interval="100ms", window="10s", min_requests=40, analysis_min_requests=20,
+    bake="2s", shadow="3s", interval="100ms", window="10s", min_requests=40, analysis_min_requests=20,
     p95_warning="1s", p99_critical="2s", first_token=(0.02, 0.08), per_token=(0.002, 0.006),
     tokens=(4, 12), legacy_workers=64, concurrency=64, think=(0.0, 0.02), time_limit=90.0,
 )
 NORMAL = Pace(
-    bake="30s", interval="1s", window="30s", min_requests=100, analysis_min_requests=20,
+    bake="30s", shadow="30s", interval="1s", window="30s", min_requests=100, analysis_min_requests=20,
     p95_warning="5s", p99_critical="10s", first_token=(0.05, 0.30), per_token=(0.010, 0.030),
     tokens=(20, 80), legacy_workers=48, concurrency=64, think=(0.0, 0.5), time_limit=900.0,
 )
@@ -48,6 +49,7 @@ class DemoOptions:
     seed: int = 0
     fast: bool = False
     keep_running: bool = False
+    protect: bool = False  # a shadow stage and fallback to the baseline (CONTRACT §8)
     time_limit: float | None = None
 
     @property

@@ -15,11 +15,22 @@ from typing import Any
 from proxy.demo.traffic import TrafficTally
 from rollout.state import from_iso
 
-__all__ = ["PROGRESS_LEGEND", "DemoOutcome", "is_finished", "progress_line", "summary", "transition_line"]
+__all__ = ["PROGRESS_LEGEND", "DemoOutcome", "Protection", "is_finished", "progress_line", "summary", "transition_line"]
 
 Status = Mapping[str, Any]
 _INDENT = " " * 12
 _AUTO_HOLD = ("step_back", "pause")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Protection:
+    """With `--protect`: what the clients saw against what the canary did."""
+
+    client_errors: int  # failed calls the traffic generator saw, on either arm
+    canary_errors: int  # errors recorded against the canary (live calls and shadow copies)
+    fallbacks: int  # canary calls answered by the baseline instead
+    mirrored: int  # shadow copies sent to the canary
+    dropped: int  # shadow copies not sent (queue full)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +47,7 @@ class DemoOutcome:
     config_path: Path
     state_path: Path
     log_path: Path
+    protection: Protection | None = None
 
 
 def is_finished(status: Status) -> bool:
@@ -75,7 +87,7 @@ def _verdict_brief(status: Status, min_requests: int) -> str:
         have = evidence.get("canary", {}).get("requests", 0)
         return f"waiting for data ({have}/{needed})"
     text = level
-    if level == "ok" and status["state"] == "progressing":
+    if level == "ok" and status["state"] in ("progressing", "shadow"):
         bake = status.get("bake", {})
         requests = status["arms"]["canary"]["stage"]["requests"]
         text += f", bake {bake.get('elapsed', 0):.1f}/{bake.get('required', 0):g}s, {requests}/{min_requests} req"
@@ -110,6 +122,7 @@ def summary(outcome: DemoOutcome, width: int = 100) -> str:
     lines += _thresholds(outcome.status)
     lines += _stages(outcome)
     lines += _traffic(outcome)
+    lines += _protected(outcome.protection, width)
     lines += [
         f"Files:      config {outcome.config_path}",
         f"{_INDENT}state  {outcome.state_path}",
@@ -206,9 +219,8 @@ def _stages(outcome: DemoOutcome) -> list[str]:
         end = from_iso(following["at"]) if following else outcome.ended_at
         then = _how_it_ended(following)
         label = "Stages:" if not lines else ""
-        lines.append(
-            f"{label:<12}{transition['weight']:>3}% for {end - from_iso(transition['at']):5.1f}s, {then}"
-        )
+        where = "shadow" if transition["state"] == "shadow" else f"{transition['weight']:>3}%"
+        lines.append(f"{label:<12}{where} for {end - from_iso(transition['at']):5.1f}s, {then}")
     return lines
 
 
@@ -237,6 +249,17 @@ def _traffic(outcome: DemoOutcome) -> list[str]:
         f"Traffic:    {tally.requests:,} calls from {len(tally.users_seen)} of {outcome.users} users "
         f"({streamed:,} streamed); served by {served}"
     ]
+
+
+def _protected(protection: Protection | None, width: int) -> list[str]:
+    if protection is None:
+        return []
+    text = (
+        f"errors seen by clients {protection.client_errors:,} vs errors the canary made "
+        f"{protection.canary_errors:,} ({protection.mirrored:,} shadow copies sent, "
+        f"{protection.dropped:,} dropped; {protection.fallbacks:,} live canary calls answered by the baseline)"
+    )
+    return _wrapped("Protected:", text, width)
 
 
 def _wrapped(label: str, text: str, width: int) -> list[str]:

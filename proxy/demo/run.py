@@ -26,7 +26,15 @@ from aiohttp import web
 from config.errors import CanaryError
 from config.loader import load_settings
 from proxy.demo.options import EXIT_INTERRUPTED, DemoOptions, Pace
-from proxy.demo.report import PROGRESS_LEGEND, DemoOutcome, is_finished, progress_line, summary, transition_line
+from proxy.demo.report import (
+    PROGRESS_LEGEND,
+    DemoOutcome,
+    Protection,
+    is_finished,
+    progress_line,
+    summary,
+    transition_line,
+)
 from proxy.demo.traffic import TrafficGenerator, TrafficPlan
 from proxy.demo.upstream import UpstreamProfile, make_demo_upstream
 from proxy.front.server import CanaryServer
@@ -40,9 +48,13 @@ EXIT_OK, EXIT_RUNTIME = 0, 1
 # -- the config ---------------------------------------------------------------------------------
 
 
-def write_config(workdir: Path, pace: Pace, *, baseline_url: str, canary_url: str) -> Path:
-    """A real config file for this run; the proxy and admin listeners take free ports."""
+def write_config(workdir: Path, pace: Pace, *, baseline_url: str, canary_url: str, protect: bool = False) -> Path:
+    """A real config file for this run; the proxy and admin listeners take free ports.
+    `protect`: a shadow stage (chat calls have no side effects, so POST is mirrored) and
+    fallback to the baseline."""
     pool = "pool: {max_connections: 256, max_keepalive: 64}"
+    fallback = ", fallback: {enabled: true, on: [connect, timeout, 5xx]}" if protect else ""
+    shadow = f", shadow: {pace.shadow}, shadow_methods: [POST]" if protect else ""
     text = f"""\
 # written by `canary demo`: the real proxy runs from this file (CONTRACT §3)
 listen: "127.0.0.1:0"                  # 0: any free port
@@ -51,8 +63,8 @@ admin: {{listen: "127.0.0.1:0", token: ""}}  # no token: one is made beside the 
 upstreams:
   baseline: {{url: "{baseline_url}", {pool}}}  # legacy sync
   canary:   {{url: "{canary_url}", {pool}}}  # new async
-routing: {{paths: ["/"], sticky_key: "header:X-User-Id", arm_header: "X-Canary-Arm"}}
-rollout: {{stages: [5, 25, 50, 100], bake: {pace.bake}, min_requests: {pace.min_requests}}}
+routing: {{paths: ["/"], sticky_key: "header:X-User-Id", arm_header: "X-Canary-Arm"{fallback}}}
+rollout: {{stages: [5, 25, 50, 100], bake: {pace.bake}, min_requests: {pace.min_requests}{shadow}}}
 analysis:
   window: {pace.window}
   interval: {pace.interval}
@@ -131,7 +143,9 @@ class _Demo:
         self.workdir = Path(tempfile.mkdtemp(prefix="canary-demo-"))
         async with contextlib.AsyncExitStack() as stack:
             urls = await self._start_upstreams(stack)
-            config_path = write_config(self.workdir, self.pace, baseline_url=urls[0], canary_url=urls[1])
+            config_path = write_config(
+                self.workdir, self.pace, baseline_url=urls[0], canary_url=urls[1], protect=self.options.protect
+            )
             self._introduce(config_path)
             log_path = self.workdir / "canary.log"
             stack.enter_context(_logs_to(log_path))
@@ -168,6 +182,7 @@ class _Demo:
         self.say(
             f"canary demo: canary error rate {options.canary_error_rate:g}, added latency "
             f"{options.canary_latency:g}s, seed {options.seed}{', fast' if options.fast else ''}"
+            f"{', protect (shadow stage, fallback)' if options.protect else ''}"
         )
         self.say(f"Config written to {config_path}:")
         for line in config_path.read_text(encoding="utf-8").splitlines()[1:]:
@@ -258,6 +273,18 @@ def _outcome(
         config_path=config_path,
         state_path=server.settings.state.path,
         log_path=log_path,
+        protection=_protection(server, traffic) if server.settings.routing.fallback.enabled else None,
+    )
+
+
+def _protection(server: CanaryServer, traffic: TrafficGenerator) -> Protection:
+    canary = server.recorder.arms["canary"]
+    return Protection(
+        client_errors=sum(arm.errors for arm in traffic.tally.arms.values()),
+        canary_errors=canary.code_totals[3] + canary.code_totals[4],  # 5xx, and the proxy's 502/503/504
+        fallbacks=sum(server.fallback.counts.values()),
+        mirrored=server.mirror.sent,
+        dropped=sum(server.mirror.dropped.values()),
     )
 
 
