@@ -205,6 +205,7 @@ class RedisStore:
         self.high_water = 0  # the highest revision seen: Redis going below it lost data
         self.unsaved: Write | None = None  # a rollback made while Redis did not answer
         self.known_history: tuple[Transition, ...] = ()  # the newest transitions seen, kept across data loss
+        self.history_revision = -1  # the revision `known_history` is up to date with
 
     # -- StateStore ----------------------------------------------------------------------
     def load(self) -> Stored | None:
@@ -250,9 +251,10 @@ class RedisStore:
         """What Redis holds now (from the tick's pipeline or a notification)."""
         self._observe(raw)
 
-    def observe_history(self, items: list[str]) -> None:
-        """The newest stored transitions (read after another replica's write)."""
+    def observe_history(self, items: list[str], revision: int) -> None:
+        """The newest stored transitions, read with revision `revision` stored."""
         history = tuple(t for t in map(_transition, items) if t is not None)
+        self.history_revision = revision
         if self._mirror is not None and history:
             self._mirror = replace(self._mirror, history=history)
             self.known_history = history
@@ -289,14 +291,14 @@ class RedisStore:
         raise exc
 
     def _written(self, write: Write, revision: int) -> Stored:
-        before = self._mirror.history if self._mirror else ()
+        before = self._mirror.history if self._mirror else self.known_history  # after data loss: the seeds
         stored = Stored(
             state=replace(write.state, revision=revision),
             history=(*before, *write.transitions)[-RECENT_HISTORY:],
         )
         self._known, self.high_water = True, max(self.high_water, revision)
         self._mirror = replace(stored, version=("revision", revision))
-        self.known_history = self._mirror.history
+        self.known_history, self.history_revision = self._mirror.history, revision
         return self._mirror
 
     async def _get_state(self, client: Redis) -> str | None:

@@ -189,16 +189,24 @@ class Replica:
             except RedisUnreachable as exc:
                 self.store.mark_unreachable(str(exc))
                 return
-        before = self.store.stored
         self.store.observe(raw_state)
         after = self.store.stored
-        if after is not None and (before is None or before.state.revision != after.state.revision):
+        if after is not None and after.state.revision != self.store.history_revision:
             self.round_trips += 1
             try:
-                tail = await self.link.acall(lambda client: client.lrange(self.keys.history, -_HISTORY_TAIL, -1))
+                pipe_result = await self.link.acall(self._history_tail)
             except RedisUnreachable:
                 return
-            self.store.observe_history(tail)
+            tail, raw = pipe_result
+            self.store.observe(raw)  # the state read with the tail: they belong together
+            if self.store.stored is not None:
+                self.store.observe_history(tail, self.store.stored.state.revision)
+
+    async def _history_tail(self, client: Redis) -> list[Any]:
+        pipe = client.pipeline(transaction=True)  # MULTI: the tail and the state of one moment
+        pipe.lrange(self.keys.history, -_HISTORY_TAIL, -1)
+        pipe.get(self.keys.state)
+        return list(await pipe.execute())
 
     # -- notifications -------------------------------------------------------------------------
     def listen(self, on_change: Callable[[], None]) -> None:

@@ -1,0 +1,166 @@
+"""Faults of a shared rollout, each with a real redis-server and real `canary serve`
+processes: a SIGKILLed decider, Redis stopped (SIGSTOP) and restarted, Redis losing its
+data, a replica started while Redis does not answer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from pathlib import Path
+from typing import AsyncIterator
+
+from tests.admin_support import admin_get, stays
+from tests.polling import until, until_async
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
+from tests.replica_support import redis_config, spread_traffic
+from tests.serve_process import ServeProcess
+from tests.test_rollout_e2e import rollout_config
+from tests.upstreams import STATS
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Path, count: int) -> AsyncIterator[list[ServeProcess]]:
+    processes: list[ServeProcess] = []
+    try:
+        for _ in range(count):
+            processes.append(await ServeProcess(config).start())
+        yield processes
+    finally:
+        for process in processes:
+            await process.kill()
+
+
+def urls(processes: list[ServeProcess]) -> list[str]:
+    return [f"{p.proxy_url}/v1/chat/completions" for p in processes]
+
+
+async def status(process: ServeProcess) -> dict:
+    return await admin_get(process, "/status")
+
+
+async def statuses(processes: list[ServeProcess]) -> list[dict]:
+    return [await status(p) for p in processes]
+
+
+def stored(redis: RedisServer) -> dict | None:
+    raw = redis.client().get("t:shop:state")
+    return json.loads(raw) if raw else None
+
+
+def history(redis: RedisServer) -> list[dict]:
+    return [json.loads(item) for item in redis.client().lrange("t:shop:history", 0, -1)]
+
+
+async def test_a_sigkilled_decider_is_replaced_and_the_rollout_goes_on_without_a_lost_or_doubled_step(
+    tmp_path, upstreams, redis_server
+):
+    config = redis_config(rollout_config(tmp_path, upstreams, bake="300ms"), redis_server.url)
+    async with serving(config, 3) as processes, spread_traffic(urls(processes)):
+        first = await until_async(lambda: status(processes[0]), lambda s: s["weight"] >= 25 and s["lease"]["holder"], 30)
+        decider = next(p for p, s in zip(processes, await statuses(processes)) if s["lease"]["mine"])
+        await decider.kill()  # SIGKILL: its lease is never released
+        survivors = [p for p in processes if p is not decider]
+        taken = await until_async(
+            lambda: status(survivors[0]),
+            lambda s: s["lease"]["holder"] not in (None, first["lease"]["holder"]), timeout=5,
+        )
+        assert taken["lease"]["holder"] in {s["replica_id"] for s in await statuses(survivors)}
+        final = await until_async(
+            lambda: statuses(survivors), lambda all_: all(s["state"] == "promoted" for s in all_), timeout=60
+        )
+    promotions = [t["weight"] for t in history(redis_server) if t["action"] == "promote"]
+    assert promotions == [25, 50, 100, 100]  # every step once: none lost, none doubled
+    assert {s["weight"] for s in final} == {100}
+
+
+async def test_redis_stopped_replicas_keep_their_weight_never_promote_and_resume_after(
+    tmp_path, upstreams, redis_server
+):
+    config = redis_config(rollout_config(tmp_path, upstreams, bake="300ms"), redis_server.url)
+    async with serving(config, 2) as processes, spread_traffic(urls(processes)) as answers:
+        await until_async(lambda: statuses(processes), lambda all_: all(s["weight"] == 25 for s in all_), 30)
+        redis_server.pause()
+        try:
+            down = await until_async(
+                lambda: statuses(processes), lambda all_: all(s["backend"]["error"] for s in all_), timeout=5
+            )
+            served = len(answers)
+            weights: list[int] = []
+
+            async def sample() -> None:
+                weights.extend(s["weight"] for s in await statuses(processes))
+
+            for _ in range(10):  # ~2 s with Redis stopped: bakes would be due many times over
+                await sample()
+                await stays(lambda: True, 0.2)
+            assert set(weights) == {25} and all(s["state"] == "progressing" for s in down)
+            assert len(answers) > served and set(answers[served:]) == {200}  # still serving
+        finally:
+            redis_server.resume()
+        await until_async(lambda: statuses(processes), lambda all_: all(s["state"] == "promoted" for s in all_), 60)
+    assert [t["weight"] for t in history(redis_server) if t["action"] == "promote"] == [25, 50, 100, 100]
+
+
+async def test_a_canary_breaking_while_redis_is_stopped_is_rolled_back_at_once_and_recorded_after(
+    tmp_path, upstreams, redis_server
+):
+    config = redis_config(rollout_config(tmp_path, upstreams, bake="1h"), redis_server.url)
+    async with serving(config, 2) as processes, spread_traffic(urls(processes)):
+        await until_async(lambda: statuses(processes), lambda all_: all(s["weight"] == 5 for s in all_), 10)
+        redis_server.pause()
+        try:
+            await until_async(lambda: statuses(processes), lambda all_: all(s["backend"]["error"] for s in all_), 5)
+            upstreams["canary"].app[STATS].fail_ratio = 0.5
+            rolled = await until_async(
+                lambda: statuses(processes), lambda all_: all(s["weight"] == 0 for s in all_), timeout=30
+            )
+            assert all(s["state"] == "rolled_back" for s in rolled)  # each on its own evidence
+        finally:
+            redis_server.resume()
+        await until_async(lambda: status(processes[0]), lambda s: s["backend"]["error"] is None, 10)
+        recorded = await until_async(
+            lambda: statuses(processes),
+            lambda all_: (stored(redis_server) or {}).get("state") == "rolled_back"
+            and all(s["store"]["revision"] == stored(redis_server)["revision"] for s in all_),
+            timeout=10,
+        )
+        assert all(s["weight"] == 0 for s in recorded)
+    rollbacks = [t for t in history(redis_server) if t["action"] == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["trigger"] == "auto"
+
+
+async def test_after_flushall_or_a_restart_the_replicas_write_back_the_rollback_never_a_first_stage(
+    tmp_path, upstreams, redis_server
+):
+    config = redis_config(rollout_config(tmp_path, upstreams, bake="1h"), redis_server.url)
+    async with serving(config, 2) as processes, spread_traffic(urls(processes)):
+        await until_async(lambda: statuses(processes), lambda all_: all(s["weight"] == 5 for s in all_), 10)
+        upstreams["canary"].app[STATS].fail_ratio = 0.5
+        await until_async(lambda: statuses(processes), lambda all_: all(s["weight"] == 0 for s in all_), 30)
+        upstreams["canary"].app[STATS].fail_ratio = 0.0
+        for lose in (lambda: redis_server.client().flushall(), redis_server.restart):
+            lose()
+            await until(lambda: stored(redis_server) is not None, timeout=10, what="state written back")
+            back = stored(redis_server)
+            assert back["state"] == "rolled_back" and back["weight"] == 0
+            assert [t["action"] for t in history(redis_server)][-1] == "rollback"  # history written back too
+            assert all(s["weight"] == 0 for s in await statuses(processes))
+
+
+async def test_a_replica_started_while_redis_is_down_serves_weight_0_says_why_and_joins_later(
+    tmp_path, upstreams, redis_server
+):
+    config = redis_config(rollout_config(tmp_path, upstreams, bake="1h"), redis_server.url)
+    redis_server.stop()
+    async with serving(config, 1) as (process,):
+        alone = await status(process)
+        assert alone["weight"] == 0 and "Redis at redis://127.0.0.1:" in alone["reason"]
+        assert alone["backend"]["error"]
+        event = await process.wait_for_event("redis_unreachable_at_start")
+        assert event["weight"] == 0
+        redis_server.start()
+        joined = await until_async(lambda: status(process), lambda s: s["weight"] == 5, timeout=10)
+        assert joined["backend"]["error"] is None and joined["lease"]["mine"]
+        assert [r["id"] for r in joined["replicas"]] == [joined["replica_id"]]
+    assert stored(redis_server)["weight"] == 5
