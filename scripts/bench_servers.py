@@ -191,10 +191,14 @@ def nginx_split_config(directory: Path, port: int, baseline: int, canary: int) -
 
 def canary_config(
     directory: Path, name: str, *, port: int, admin_port: int, baseline: str, canary: str,
-    analysis_interval: str, pool: int,
+    analysis_interval: str, pool: int, client: str = "lean",
 ) -> Path:
-    """A real `canary serve` config: weight pinned at 50, analysis judging every interval."""
-    upstream = "{{url: \"{url}\", timeout: {{connect: 5s, total: 30s}}, pool: {{max_connections: %d, max_keepalive: 256}}}}" % pool
+    """A real `canary serve` config: weight pinned at 50, analysis judging every interval,
+    both arms on the HTTP/1.1 `client` (lean or aiohttp)."""
+    upstream = (
+        "{{url: \"{url}\", client: %s, timeout: {{connect: 5s, total: 30s}}, "
+        "pool: {{max_connections: %d, max_keepalive: 256}}}}" % (client, pool)
+    )
     text = f"""# written by scripts/benchmark.py
 listen: "127.0.0.1:{port}"
 drain_timeout: 5s

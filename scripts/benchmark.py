@@ -9,7 +9,7 @@ What runs (each server one process; proxies pinned to core 0, upstream and load 
 
 * a fixed upstream: nginx returning a 12-byte body (a built-in asyncio server without nginx);
 * 1. direct to it, 2. the real `canary serve` at weight 50 with analysis running (once per
-  HTTP/1.1 client: aiohttp's ClientSession, the default, and the opt-in lean client),
+  HTTP/1.1 client: the lean client, the default, and aiohttp's ClientSession),
   3. nginx as a reverse proxy with `split_clients` 50/50;
 * the same load generator for all (wrk -t1 if installed, else a built-in async one):
   50 connections for throughput and p50/p99, 1 connection for the added latency;
@@ -129,10 +129,10 @@ class Benchmark:
         port = free_port()
         settings = dict(
             port=port, admin_port=free_port(), baseline=f"http://127.0.0.1:{baseline}",
-            canary=f"http://127.0.0.1:{canary}", pool=SLOW_REQUESTS + 500,
+            canary=f"http://127.0.0.1:{canary}", pool=SLOW_REQUESTS + 500, client=client,
         )
         conf = canary_config(self.dir, name, analysis_interval=ANALYSIS_ON, **settings)
-        proc = self.children.start(name, canary_command(conf), core=self.proxy_core, env={"CANARY_HTTP1_CLIENT": client})
+        proc = self.children.start(name, canary_command(conf), core=self.proxy_core)
         self.children.wait_listening(proc, port)
         return Target(name, f"http://127.0.0.1:{port}/", proc.pid, config=(name, settings))
 
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=9.0, help="seconds of load per server at --connections (default 9)")
     parser.add_argument("--quick", action="store_true", help="3 s per server, one round (~1 minute)")
     parser.add_argument("--connections", type=int, default=50, help="connections for throughput (default 50)")
-    parser.add_argument("--clients", default="aiohttp,lean", help="HTTP/1.1 clients to run: aiohttp,lean")
+    parser.add_argument("--clients", default="lean,aiohttp", help="HTTP/1.1 clients to run: lean,aiohttp")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is reported (default 3)")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx split_clients row")
     parser.add_argument("--builtin-upstream", action="store_true", help="use the built-in upstream even with nginx")

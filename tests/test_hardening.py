@@ -189,10 +189,31 @@ async def _metrics(proxy) -> str:
             return await response.text()
 
 
-async def test_the_admin_listener_survives_a_slow_body(canary, upstreams, tmp_path):
-    proxy = await canary(hardened_config(tmp_path / "c.yaml", upstreams))
+async def test_an_admin_body_that_stalls_is_408_and_the_admin_listener_keeps_answering(canary, upstreams, tmp_path):
+    proxy = await canary(hardened_config(tmp_path / "c.yaml", upstreams, limits="header_timeout: 1s"))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.admin_port)
     writer.write(b"POST /pause HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token\r\nContent-Length: 100\r\n\r\n{")
     status = await admin_get(proxy, "/status")  # the listener still answers meanwhile
     assert status["state"] == "manual"
+    head = await read_head(reader)
     writer.close()
+    assert status_code(head) == 408
+    assert (await admin_get(proxy, "/status"))["state"] == "manual"  # nothing was paused
+
+
+@pytest.mark.parametrize(
+    "request_head, status",
+    [
+        (b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # a request line over 8 KiB
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-N%d: v\r\n" % i for i in range(200)) + b"\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"l" * 20000 + b"\r\n\r\n", 400),  # a field over 16 KiB
+    ],
+    ids=["uri-over-8k", "200-headers", "field-over-16k"],
+)
+async def test_request_heads_past_the_parser_limits_are_refused_and_never_forwarded(
+    canary, upstreams, tmp_path, request_head, status
+):
+    proxy = await canary(hardened_config(tmp_path / "c.yaml", upstreams))
+    answer = await exchange(proxy.proxy_port, request_head)
+    assert status_code(answer.partition(b"\r\n\r\n")[0]) == status
+    assert upstreams["canary"].app[STATS].hits == 0 and upstreams["baseline"].app[STATS].hits == 0

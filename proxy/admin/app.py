@@ -62,7 +62,12 @@ class AdminBackend(Protocol):
     def monotonic(self) -> float: ...
 
     def workers_status(self) -> list[dict[str, Any]] | None: ...
+
     def shed_totals(self) -> dict[str, int]: ...
+
+    def body_timeout(self) -> float:
+        """How long an admin request body may take to arrive (`limits.header_timeout`)."""
+        ...
 
 
 class BadRequest(CanaryError):
@@ -172,8 +177,13 @@ async def get_dashboard(_request: web.Request) -> web.FileResponse:
 
 # -- control actions ----------------------------------------------------------------------
 async def _read_body(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """The JSON object body (empty means {}); BadRequest names what is wrong."""
-    raw = await request.read()
+    """The JSON object body (empty means {}); BadRequest names what is wrong. A body that
+    does not arrive in time is a 408: a stalled client must not hold the handler."""
+    try:
+        async with asyncio.timeout(request.app[ADMIN_SERVER].body_timeout()):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="the request body did not arrive in time") from None
     if not raw.strip():
         return {}
     try:

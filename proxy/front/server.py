@@ -219,6 +219,9 @@ class CanaryServer:
         self.proxy_guard = ConnectionGuard(proxy_limits, self.shedding)
         self.admin_guard = ConnectionGuard(replace(proxy_limits, max_connections=_ADMIN_MAX_CONNECTIONS), self.shedding)
 
+    def body_timeout(self) -> float:
+        return self.settings.limits.header_timeout
+
     def shed_totals(self) -> dict[str, int]:
         """Requests refused for the proxy's own lack of resources, by reason (this
         process's listeners and every worker's)."""
