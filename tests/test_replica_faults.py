@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 from typing import AsyncIterator
 
-from tests.admin_support import admin_get, stays
+from tests.admin_support import admin_get, admin_post, stays
 from tests.polling import until, until_async
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
 from tests.replica_support import redis_config, spread_traffic
@@ -164,3 +164,50 @@ async def test_a_replica_started_while_redis_is_down_serves_weight_0_says_why_an
         assert joined["backend"]["error"] is None and joined["lease"]["mine"]
         assert [r["id"] for r in joined["replicas"]] == [joined["replica_id"]]
     assert stored(redis_server)["weight"] == 5
+
+
+def workers_config(config: Path) -> Path:
+    """The same rollout with `workers: 2`: one replica made of two worker processes."""
+    path = config.with_name("two-workers.yaml")
+    path.write_text("workers: 2\n" + config.read_text())
+    return path
+
+
+async def test_three_replicas_one_with_two_workers_walk_in_lockstep_and_roll_back_together(
+    tmp_path, upstreams, redis_server
+):
+    """Done when: three replicas (one with `workers: 2`) on one Redis with real upstreams."""
+    config = redis_config(rollout_config(tmp_path, upstreams, bake="300ms"), redis_server.url)
+    processes = [await ServeProcess(config).start(), await ServeProcess(config).start()]
+    processes.append(await ServeProcess(workers_config(config)).start())
+    stages = [0, 5, 25, 50, 100]
+    try:
+        async with spread_traffic(urls(processes)):
+            seen: list[list[int]] = []
+
+            def lockstep(all_: list[dict]) -> bool:
+                seen.append([s["weight"] for s in all_])
+                return all(s["state"] == "promoted" for s in all_)
+
+            final = await until_async(lambda: statuses(processes), lockstep, timeout=60)
+            assert len(final[2]["workers"]) == 2 and len(final[0]["replicas"]) == 3
+            assert all(max(map(stages.index, w)) - min(map(stages.index, w)) <= 1 for w in seen), seen
+            # the same three, a new release: a canary at 30% errors
+            await admin_post_reset(processes[1])
+            await until_async(lambda: statuses(processes), lambda all_: all(s["weight"] == 5 for s in all_), 10)
+            upstreams["canary"].app[STATS].fail_ratio = 0.3
+            rolled = await until_async(
+                lambda: statuses(processes), lambda all_: all(s["weight"] == 0 for s in all_), timeout=20
+            )
+    finally:
+        for process in processes:
+            await process.kill()
+    assert all(s["state"] == "rolled_back" for s in rolled)
+    actions = [(t["action"], t["weight"]) for t in history(redis_server)]
+    assert [w for a, w in actions if a == "promote"] == [25, 50, 100, 100]  # walked once, for all
+    assert actions[-1] == ("rollback", 0) and [a for a, _ in actions].count("rollback") == 1
+
+
+async def admin_post_reset(process: ServeProcess) -> None:
+    status, body = await admin_post(process, "/reset", {"reason": "new release"}, token="t")
+    assert status == 200, body

@@ -39,11 +39,24 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     demo.add_argument("--protect", action="store_true",
                       help="protect users: a shadow stage first (copies of calls to the canary, answers "
                       "discarded) and fallback to the baseline for failed canary calls")
+    demo.add_argument("--replicas", type=_replicas, default=1, metavar="N",
+                      help="N proxies behind the traffic generator, one rollout shared through a Redis "
+                      "started for the demo (needs redis-server; default 1)")
     demo.add_argument("--keep-running", action="store_true",
                       help="afterwards leave the proxy, dashboard and traffic up until Ctrl-C")
     demo.add_argument("--time-limit", type=_seconds, default=None, metavar="S",
                       help="give up after S seconds (default 90 with --fast, else 900)")
     demo.set_defaults(handler=run_demo_command)
+
+
+def _replicas(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 8, got {text}")
+    return value
 
 
 def _rate(text: str) -> float:
@@ -72,6 +85,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     options = DemoOptions(
         canary_error_rate=args.canary_error_rate, canary_latency=args.canary_latency, seed=seed,
         fast=args.fast, keep_running=args.keep_running, protect=args.protect, time_limit=args.time_limit,
+        replicas=args.replicas,
     )
     try:
         from proxy.demo.run import run_demo

@@ -51,6 +51,7 @@ class DemoOptions:
     keep_running: bool = False
     protect: bool = False  # a shadow stage and fallback to the baseline (CONTRACT §8)
     time_limit: float | None = None
+    replicas: int = 1  # >1: that many proxies share one rollout through a demo Redis (CONTRACT §7)
 
     @property
     def pace(self) -> Pace:

@@ -26,6 +26,7 @@ from aiohttp import web
 from config.errors import CanaryError
 from config.loader import load_settings
 from proxy.demo.options import EXIT_INTERRUPTED, DemoOptions, Pace
+from proxy.demo.replicas import demo_redis, replicas_lines
 from proxy.demo.report import (
     PROGRESS_LEGEND,
     DemoOutcome,
@@ -48,7 +49,10 @@ EXIT_OK, EXIT_RUNTIME = 0, 1
 # -- the config ---------------------------------------------------------------------------------
 
 
-def write_config(workdir: Path, pace: Pace, *, baseline_url: str, canary_url: str, protect: bool = False) -> Path:
+def write_config(
+    workdir: Path, pace: Pace, *, baseline_url: str, canary_url: str, protect: bool = False,
+    redis_url: str | None = None,
+) -> Path:
     """A real config file for this run; the proxy and admin listeners take free ports.
     `protect`: a shadow stage (chat calls have no side effects, so POST is mirrored) and
     fallback to the baseline."""
@@ -73,12 +77,21 @@ analysis:
   latency: {{p95_warning: {pace.p95_warning}, p99_critical: {pace.p99_critical}}}
   on_warning: step_back
   on_critical: rollback
-state: {{path: "state/canary-state.json"}}
+{_state_line(redis_url)}
 logging: {{level: info, format: json}}
 """
     path = workdir / "canary.yaml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _state_line(redis_url: str | None) -> str:
+    if redis_url is None:
+        return 'state: {path: "state/canary-state.json"}'
+    return (
+        f'state: {{path: "state/canary-state.json", backend: redis, '
+        f'redis: {{url: "{redis_url}", key_prefix: canary-demo}}}}  # the replicas share one rollout'
+    )
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -142,18 +155,24 @@ class _Demo:
     async def story(self) -> int:
         self.workdir = Path(tempfile.mkdtemp(prefix="canary-demo-"))
         async with contextlib.AsyncExitStack() as stack:
+            redis_url = await stack.enter_async_context(demo_redis()) if self.options.replicas > 1 else None
             urls = await self._start_upstreams(stack)
             config_path = write_config(
-                self.workdir, self.pace, baseline_url=urls[0], canary_url=urls[1], protect=self.options.protect
+                self.workdir, self.pace, baseline_url=urls[0], canary_url=urls[1], protect=self.options.protect,
+                redis_url=redis_url,
             )
             self._introduce(config_path)
             log_path = self.workdir / "canary.log"
             stack.enter_context(_logs_to(log_path))
-            server = CanaryServer(load_settings(config_path))
             started = time.time()
-            await server.start()
-            stack.push_async_callback(server.stop)
-            traffic = TrafficGenerator(f"http://127.0.0.1:{server.proxy_port}", self._traffic_plan())
+            servers = []
+            for _ in range(self.options.replicas):  # >1: replicas of one rollout, through Redis
+                servers.append(CanaryServer(load_settings(config_path)))
+                await servers[-1].start()
+                stack.push_async_callback(servers[-1].stop)
+            server = servers[0]
+            proxies = [f"http://127.0.0.1:{each.proxy_port}" for each in servers]
+            traffic = TrafficGenerator(proxies, self._traffic_plan())
             await traffic.start()
             stack.push_async_callback(traffic.stop, 1.0)
             finished = await self._watch(server, started)
@@ -163,9 +182,21 @@ class _Demo:
             outcome = _outcome(server, traffic, (started, ended), finished, config_path, log_path)
             self.story_over = True
             self.say(summary(outcome, shutil.get_terminal_size((100, 24)).columns))
+            if server.replica is not None:
+                for _round in range(2):  # every heartbeat written, then read: the replicas now
+                    for each in servers:
+                        await each.replica.exchange()  # type: ignore[union-attr]
+                self._show_replicas(server)
             if self.options.keep_running and finished:
                 await self._keep_running(server, started)
         return EXIT_OK if finished else EXIT_RUNTIME
+
+    def _show_replicas(self, server: CanaryServer) -> None:
+        assert server.replica is not None
+        status = server.replica.status()
+        self.say(f"Replicas: {len(status['replicas'])} proxies, one rollout (Redis {status['backend']['url']}):")
+        for line in replicas_lines(status):
+            self.say(line)
 
     async def _start_upstreams(self, stack: contextlib.AsyncExitStack) -> tuple[str, str]:
         urls = []
@@ -183,6 +214,7 @@ class _Demo:
             f"canary demo: canary error rate {options.canary_error_rate:g}, added latency "
             f"{options.canary_latency:g}s, seed {options.seed}{', fast' if options.fast else ''}"
             f"{', protect (shadow stage, fallback)' if options.protect else ''}"
+            f"{f', {options.replicas} replicas sharing one Redis' if options.replicas > 1 else ''}"
         )
         self.say(f"Config written to {config_path}:")
         for line in config_path.read_text(encoding="utf-8").splitlines()[1:]:

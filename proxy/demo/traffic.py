@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -65,10 +65,13 @@ class TrafficTally:
 
 
 class TrafficGenerator:
-    """Sends `plan.concurrency` concurrent calls at a time to `base_url` until stopped."""
+    """Sends `plan.concurrency` concurrent calls at a time to `base_url` until stopped;
+    several base URLs (replicas behind a load balancer) share the workers round-robin."""
 
-    def __init__(self, base_url: str, plan: TrafficPlan, *, arm_header: str = "X-Canary-Arm") -> None:
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, base_url: str | Sequence[str], plan: TrafficPlan, *, arm_header: str = "X-Canary-Arm") -> None:
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.base_urls = [url.rstrip("/") for url in urls]
+        self.base_url = self.base_urls[0]
         self.plan = plan
         self.arm_header = arm_header
         self.tally = TrafficTally()
@@ -104,7 +107,8 @@ class TrafficGenerator:
             sequence += 1
             user = f"user-{rng.randrange(self.plan.users):04d}"
             stream = rng.random() < self.plan.stream_share
-            await self._call(user, stream, f"demo-{self.plan.seed}-{index}-{sequence}", rng)
+            url = self.base_urls[index % len(self.base_urls)]
+            await self._call(user, stream, f"demo-{self.plan.seed}-{index}-{sequence}", rng, url)
             pause = rng.uniform(*self.plan.think)
             if pause:
                 try:
@@ -112,7 +116,7 @@ class TrafficGenerator:
                 except TimeoutError:
                     pass
 
-    async def _call(self, user: str, stream: bool, request_id: str, rng: random.Random) -> None:
+    async def _call(self, user: str, stream: bool, request_id: str, rng: random.Random, base_url: str) -> None:
         assert self._session is not None
         body = {
             "model": "demo-chat",
@@ -124,7 +128,7 @@ class TrafficGenerator:
         self.tally.users_seen.add(user)
         arm, ok = "unknown", False
         try:
-            async with self._session.post(f"{self.base_url}/v1/chat/completions", json=body, headers=headers) as resp:
+            async with self._session.post(f"{base_url}/v1/chat/completions", json=body, headers=headers) as resp:
                 arm = resp.headers.get(self.arm_header, "unknown")
                 if 400 <= resp.status < 500:
                     self.tally.client_errors += 1  # our own fault, not the arm's

@@ -46,6 +46,25 @@ function renderStatus(status) {
   renderConfig(status.config || {}, status.store || {});
   renderEvidence((status.verdict || {}).evidence || {});
   renderHistory(status.history || []);
+  renderReplicas(status);
+}
+
+function renderReplicas(status) {
+  // state.backend: redis — every replica of the shared rollout (CONTRACT §7)
+  $("replicas-panel").hidden = !status.replicas;
+  if (!status.replicas) return;
+  $("replica-self").textContent = status.replica_id;
+  const rows = status.replicas.map((r) => {
+    const row = el("tr", null, r.id === status.replica_id ? "self" : "");
+    row.dataset.replica = r.id;
+    row.append(el("td", r.id), el("td", r.weight + "%"), el("td", r.state.replace("_", " ")),
+      el("td", r.decider ? "decider" : ""), el("td", clock(r.last_seen)));
+    return row;
+  });
+  $("replicas").replaceChildren(...rows);
+  const backend = status.backend || {};
+  $("replica-backend").textContent = backend.error ? `Redis not answering: ${backend.error}`
+    : `Redis ${backend.url}, keys ${backend.keys}; lease held by ${(status.lease || {}).holder || "nobody"}`;
 }
 
 function renderStages(status) {
