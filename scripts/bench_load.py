@@ -3,7 +3,8 @@
 Run as a child process by the benchmark (so it can be pinned to a core):
 
     python scripts/bench_load.py upstream PORT [PORT ...]      # tiny fast HTTP/1.1 server
-    python scripts/bench_load.py load URL CONNECTIONS SECONDS  # built-in load generator
+    python scripts/bench_load.py load URL CONNECTIONS SECONDS [BODY_BYTES]  # built-in load generator
+                                                               # (BODY_BYTES: POSTs with a body)
 
 The upstream answers every request with a 13-byte body at once, or after S seconds for
 `/sleep/S`. The load generator keeps CONNECTIONS keep-alive connections busy for SECONDS
@@ -56,7 +57,12 @@ class _UpstreamProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         while (end := self._buffer.find(b"\r\n\r\n")) >= 0:
-            head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+            head = self._buffer[:end]
+            length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            body = int(length.group(1)) if length else 0  # a request body is read and ignored
+            if len(self._buffer) < end + 4 + body:
+                return
+            self._buffer = self._buffer[end + 4 + body :]
             path = head.split(b" ", 2)[1]
             if path.startswith(b"/sleep/"):
                 asyncio.get_running_loop().call_later(float(path[7:]), self._answer)
@@ -129,16 +135,20 @@ async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reque
     return status
 
 
-def _request(url: str, *, close: bool = False) -> tuple[str, int, bytes]:
+def _request(url: str, *, close: bool = False, body: int = 0) -> tuple[str, int, bytes]:
+    """A GET, or with `body` bytes a POST with a Content-Length body."""
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     extra = b"Connection: close\r\n" if close else b""
-    head = b"GET %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (target.encode(), parts.netloc.encode(), extra)
-    return parts.hostname or "127.0.0.1", parts.port or 80, head
+    method = b"POST" if body else b"GET"
+    if body:
+        extra += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % body
+    head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (method, target.encode(), parts.netloc.encode(), extra)
+    return parts.hostname or "127.0.0.1", parts.port or 80, head + b"x" * body
 
 
-async def builtin_load(url: str, connections: int, seconds: float) -> LoadResult:
-    host, port, request = _request(url)
+async def builtin_load(url: str, connections: int, seconds: float, body: int = 0) -> LoadResult:
+    host, port, request = _request(url, body=body)
     latencies: list[float] = []
     errors = 0
     loop = asyncio.get_running_loop()
@@ -197,9 +207,10 @@ def _run(coro_factory: object) -> None:
 def main(argv: list[str]) -> None:
     if argv[:1] == ["upstream"]:
         _run(serve_upstream([int(p) for p in argv[1:]]))
-    elif argv[:1] == ["load"] and len(argv) == 4:
+    elif argv[:1] == ["load"] and len(argv) in (4, 5):
         async def load() -> None:
-            result = await builtin_load(argv[1], int(argv[2]), float(argv[3]))
+            body = int(argv[4]) if len(argv) == 5 else 0
+            result = await builtin_load(argv[1], int(argv[2]), float(argv[3]), body)
             print(json.dumps(asdict(result)), flush=True)
 
         _run(load())

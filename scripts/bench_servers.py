@@ -191,7 +191,7 @@ def nginx_split_config(directory: Path, port: int, baseline: int, canary: int) -
 
 def canary_config(
     directory: Path, name: str, *, port: int, admin_port: int, baseline: str, canary: str,
-    analysis_interval: str, pool: int, client: str = "lean",
+    analysis_interval: str, pool: int, client: str = "lean", fallback: bool = False,
 ) -> Path:
     """A real `canary serve` config: weight pinned at 50, analysis judging every interval,
     both arms on the HTTP/1.1 `client` (lean or aiohttp)."""
@@ -207,6 +207,7 @@ upstreams:
   baseline: {upstream.format(url=baseline)}
   canary: {upstream.format(url=canary)}
 rollout: {{weight: 50}}
+routing: {{fallback: {{enabled: {str(fallback).lower()}}}}}
 analysis: {{interval: {analysis_interval}}}
 state: {{path: "{directory}/{name}-state.json"}}
 logging: {{level: warning, format: json}}

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --quick     # ~1 minute: 3 s per server, one round
     python scripts/benchmark.py --duration 15 --clients lean --json out.json
     python scripts/benchmark.py --workers-compare --clients lean   # --workers 1 vs 2 only
+    python scripts/benchmark.py --fallback-compare --clients lean  # routing.fallback off vs on only
 
 What runs (each server one process; proxies pinned to core 0, upstream and load to core 1):
 
@@ -78,10 +79,12 @@ class Benchmark:
         self.results = Results()
 
     # -- load -------------------------------------------------------------------------
-    def load(self, url: str, connections: int, seconds: float) -> LoadResult:
-        if have_wrk() and not self.args.builtin_load:
+    def load(self, url: str, connections: int, seconds: float, body: int = 0) -> LoadResult:
+        """`body`: POSTs with that many bytes (always the built-in generator)."""
+        if have_wrk() and not self.args.builtin_load and not body:
             return wrk(url, connections, seconds, core=self.load_core)
-        command = [sys.executable, str(Path(__file__).with_name("bench_load.py")), "load", url, str(connections), str(seconds)]
+        script = str(Path(__file__).with_name("bench_load.py"))
+        command = [sys.executable, script, "load", url, str(connections), str(seconds), str(body)]
         if self.load_core is not None:
             command = ["taskset", "-c", str(self.load_core), *command]
         out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
@@ -136,11 +139,12 @@ class Benchmark:
         self.children.wait_listening(proc, port)
         return Target(name, f"http://127.0.0.1:{port}/", proc.pid, config=(name, settings))
 
-    def set_analysis(self, target: Target, interval: str) -> None:
-        """Rewrite the instance's config with another analysis interval; SIGHUP reloads it."""
+    def set_analysis(self, target: Target, interval: str, *, fallback: bool = False) -> None:
+        """Rewrite the instance's config with another analysis interval (and routing.fallback
+        on or off); SIGHUP reloads it."""
         assert target.config is not None
         name, settings = target.config
-        canary_config(self.dir, name, analysis_interval=interval, **settings)
+        canary_config(self.dir, name, analysis_interval=interval, fallback=fallback, **settings)
         os.kill(target.pid, signal.SIGHUP)
         time.sleep(0.3)
 
@@ -264,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--builtin-load", action="store_true", help="use the built-in load generator even with wrk")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument(
+        "--fallback-compare", action="store_true",
+        help="only compare routing.fallback off with on when nothing fails (the first of --clients; ~1 minute)",
+    )
+    parser.add_argument(
         "--workers-compare", action="store_true",
         help="only compare `canary serve --workers 1` with `--workers 2` (the first of --clients; ~1 minute)",
     )
@@ -288,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.workers_compare:
                 return _workers_compare(bench, args)
+            if args.fallback_compare:
+                return _fallback_compare(bench, args)
             results = bench.run()
         except KeyboardInterrupt:
             print("interrupted; stopping the servers", file=sys.stderr)
@@ -315,6 +325,41 @@ def _workers_compare(bench: Benchmark, args: argparse.Namespace) -> int:
     print_workers(rows)
     if args.json:
         args.json.write_text(json.dumps({"machine": bench.results.machine, "workers": [asdict(r) for r in rows]}, indent=2))
+    return 0
+
+
+FALLBACK_BODY = 1024  # bytes of the POSTs: a chat request, kept in memory for a replay
+
+
+def _fallback_compare(bench: Benchmark, args: argparse.Namespace) -> int:
+    """The same `canary serve` (weight 50, nothing failing) with routing.fallback off and on,
+    alternating by reload: GETs, and POSTs with a 1 KiB body (kept for a replay when on)."""
+    baseline, canary, _pid = bench.start_upstream()
+    target = bench.start_canary("canary-fallback", args.clients[0], baseline, canary)
+    rounds, seconds = 2 * args.rounds, args.duration / args.rounds
+    runs: dict[tuple[str, bool, int], list[LoadResult]] = {}
+    for _ in range(rounds):
+        for fallback in (False, True):
+            bench.set_analysis(target, ANALYSIS_ON, fallback=fallback)
+            for body in (0, FALLBACK_BODY):
+                for kind, connections, span in (("load", args.connections, seconds), ("one", 1, max(1.0, seconds / 2))):
+                    runs.setdefault((kind, fallback, body), []).append(bench.load(target.url, connections, span, body))
+    rows = {}
+    for body in (0, FALLBACK_BODY):
+        request = f"POST {body} B" if body else "GET"
+        for fallback in (False, True):
+            best = max(runs[("load", fallback, body)], key=lambda r: r.rps)
+            single = min(runs[("one", fallback, body)], key=lambda r: r.p50)
+            rows[f"{request}, fallback {'on' if fallback else 'off'}"] = {
+                "rps": round(best.rps), "p99_ms": round(best.p99 * 1e3, 2), "p50_1conn_us": round(single.p50 * 1e6),
+                "errors": best.errors,
+            }
+    print(json.dumps(bench.results.machine))
+    print(f"{'':28} {'req/s':>8} {'p99 ms':>8} {'p50 µs at 1 conn':>17}")
+    for name, row in rows.items():
+        print(f"{name:28} {row['rps']:>8,} {row['p99_ms']:>8} {row['p50_1conn_us']:>17}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": bench.results.machine, "fallback": rows}, indent=2))
     return 0
 
 

@@ -80,7 +80,7 @@ async def test_a_canary_5xx_is_replayed_with_its_body_on_the_baseline(proxy_fact
 
 async def test_only_the_listed_kinds_fall_back(proxy_factory, upstreams):
     upstreams["canary"].app[STATS].fail_ratio = 1.0
-    server, state = await proxy_factory(weight=100, fallback=FallbackSettings(enabled=True, on=("connect", "timeout")))
+    server, _ = await proxy_factory(weight=100, fallback=FallbackSettings(enabled=True, on=("connect", "timeout")))
     async with aiohttp.ClientSession() as client:
         async with client.get(server.make_url("/v1/models")) as resp:
             await resp.read()

@@ -17,15 +17,20 @@ from dataclasses import dataclass
 
 from aiohttp import ClientPayloadError, web
 
-from config.errors import PoolExhausted, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from config.errors import (
+    PoolExhausted,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from config.settings import FALLBACK_KINDS, FallbackKind, FallbackSettings
 
 __all__ = [
     "FALLBACK_HEADER",
+    "BodyNotKept",
     "Fallback",
     "FallbackNeeded",
     "KeptBody",
-    "BodyNotKept",
     "failure_kind",
 ]
 
