@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.admin_support import admin_get, upstream_url
 from tests.serve_process import ServeProcess, write_config
+from tests.upstreams import tcp_upstream
 
 __all__ = [
     "arm_figures",
@@ -101,11 +102,8 @@ async def resetting_upstream(release: asyncio.Event) -> AsyncIterator[str]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
 
-    listener = await asyncio.start_server(reply, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
-    finally:
-        listener.close()
+    async with tcp_upstream(reply) as url:  # closes its connections, then waits for the server
+        yield url
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:

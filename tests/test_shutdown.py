@@ -29,7 +29,7 @@ DRAIN_TIMEOUT = 20.0  # seconds; a drain that waited on idle connections would t
 IDLE_CLIENTS = 5
 
 
-def drain_config(tmp_path: Path, upstreams, *, workers: int) -> Path:
+def drain_config(tmp_path: Path, upstreams, *, workers: int, client: str) -> Path:
     base, canary = upstream_url(upstreams["baseline"]), upstream_url(upstreams["canary"])
     return write_config(
         tmp_path / "canary.yaml",
@@ -38,7 +38,7 @@ workers: {workers}
 listen: "127.0.0.1:0"
 drain_timeout: {DRAIN_TIMEOUT:g}s
 admin: {{listen: "127.0.0.1:0", token: "test-token"}}
-upstreams: {{baseline: {{url: "{base}"}}, canary: {{url: "{canary}"}}}}
+upstreams: {{baseline: {{url: "{base}", client: {client}}}, canary: {{url: "{canary}", client: {client}}}}}
 rollout: {{weight: 50}}
 state: {{path: "var/state.json"}}
 logging: {{level: info, format: json}}
@@ -65,8 +65,9 @@ async def idle_keepalive_connection(port: int, path: str) -> tuple[asyncio.Strea
 async def test_sigterm_with_idle_keepalive_clients_exits_0_within_drain_timeout(
     tmp_path, upstreams, loop, http1_client, workers
 ):
-    env = {"CANARY_HTTP1_CLIENT": http1_client, "CANARY_NO_UVLOOP": "1" if loop == "asyncio" else ""}
-    proxy = await ServeProcess(drain_config(tmp_path, upstreams, workers=workers), env=env).start()
+    env = {"CANARY_NO_UVLOOP": "1" if loop == "asyncio" else ""}
+    config = drain_config(tmp_path, upstreams, workers=workers, client=http1_client)
+    proxy = await ServeProcess(config, env=env).start()
     clients = []
     try:
         for n in range(IDLE_CLIENTS):  # both arms' pools keep their upstream connections too
@@ -85,13 +86,13 @@ async def test_sigterm_with_idle_keepalive_clients_exits_0_within_drain_timeout(
     assert [e["event"] for e in proxy.events if e.get("event") in ("draining", "stopped")] == ["draining", "stopped"]
 
 
-async def test_closing_the_upstream_clients_also_closes_one_a_reload_replaced(upstreams, http1_client, monkeypatch):
+async def test_closing_the_upstream_clients_also_closes_one_a_reload_replaced(upstreams, http1_client):
     """Stopping right after a reload: the replaced client, still waiting for its last
     request, must close its pooled connections too (not just be forgotten)."""
-    monkeypatch.setenv("CANARY_HTTP1_CLIENT", http1_client)
     canary = upstreams["canary"]
     first = Upstreams(
-        baseline=upstream_settings("baseline", upstreams["baseline"]), canary=upstream_settings("canary", canary)
+        baseline=upstream_settings("baseline", upstreams["baseline"], client=http1_client),
+        canary=upstream_settings("canary", canary, client=http1_client),
     )
     clients = UpstreamClients(first)
     old = clients.transports["canary"]
