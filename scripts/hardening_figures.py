@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -175,18 +176,17 @@ async def big_config(workdir: Path, port: int) -> dict[str, Any]:
     config = workdir / "canary.yaml"
     good = CONFIG.format(port=port)
     config.write_text(good)
-    async with Serve(config) as serve:
-        async with aiohttp.ClientSession() as session:
-            _, before = await _timed_gets(session, f"{serve.proxy}/before", 200)
-            tmp = config.with_name("canary.yaml.tmp")
-            tmp.write_text(good + "# " + "x" * (50 * 1024 * 1024) + "\n")
-            written = time.monotonic()
-            os.replace(tmp, config)
-            during: list[float] = []
-            while not any(e.get("event") == "config_rejected" for e in serve.events):
-                _, times = await _timed_gets(session, f"{serve.proxy}/during", 1)
-                during += times
-            rejected = next(e for e in serve.events if e.get("event") == "config_rejected")
+    async with Serve(config) as serve, aiohttp.ClientSession() as session:
+        _, before = await _timed_gets(session, f"{serve.proxy}/before", 200)
+        tmp = config.with_name("canary.yaml.tmp")
+        tmp.write_text(good + "# " + "x" * (50 * 1024 * 1024) + "\n")
+        written = time.monotonic()
+        os.replace(tmp, config)
+        during: list[float] = []
+        while not any(e.get("event") == "config_rejected" for e in serve.events):
+            _, times = await _timed_gets(session, f"{serve.proxy}/during", 1)
+            during += times
+        rejected = next(e for e in serve.events if e.get("event") == "config_rejected")
     return {
         "config_bytes": 50 * 1024 * 1024 + len(good) + 3,
         "rejected_after_s": round(rejected["seen_at"] - written, 3),

@@ -113,7 +113,7 @@ class GuardedServer(web.Server):
 
 
 class GuardedRequestHandler(RequestHandler):
-    __slots__ = ("_guard", "_head_timer", "_head_bytes", "_send_timer", "__weakref__")
+    __slots__ = ("__weakref__", "_guard", "_head_bytes", "_head_timer", "_send_timer")
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)

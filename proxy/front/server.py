@@ -22,15 +22,15 @@ from typing import Any, AsyncIterator, Callable
 import structlog
 from aiohttp import web
 
-from config.errors import ConfigError, StateError
-from config.loader import load_settings
+from config.errors import StateError
 from config.settings import Settings
-from config.watch import ConfigStatus, ConfigWatcher
+from config.watch import ConfigStatus
 from proxy.admin.app import make_admin_app
 from proxy.front.fallback import Fallback
 from proxy.front.shadow import Mirror, MirrorLimits
 from proxy.front.forward import ProxyState, make_proxy_server
 from proxy.front.guard import ConnectionGuard, GuardedAppRunner, GuardedServer, ListenerLimits
+from proxy.front.reloading import ConfigReloader
 from proxy.front.resources import DescriptorLimit, raise_descriptor_limit
 from proxy.front.routing import Router, RoutingSnapshot
 from proxy.front.shedding import Shedding
@@ -48,7 +48,6 @@ __all__ = ["CanaryServer", "token_path"]
 
 log = structlog.get_logger("canary.server")
 _WATCH_EVERY = 0.25  # seconds between config-file polls
-_SETTLE = 0.2  # a changed file must stay unchanged this long before it is read
 _ADMIN_MAX_CONNECTIONS = 64  # the admin listener's own cap (dashboards, scrapers, the CLI)
 
 
@@ -110,12 +109,10 @@ class CanaryServer:
         self.controller: RolloutController | None = None
         self.replica: Replica | None = None  # state.backend: redis
         self.tls: ListenerTls | None = None
-        self._watcher = ConfigWatcher(settings.source) if settings.source else None
-        self._pending_since: float | None = None
-        self._missing_since: float | None = None
-        self._missing_reported = False
-        self._reload_task: asyncio.Future[None] | None = None
-        self._reload_again = False
+        self.reloader = ConfigReloader(
+            settings.source, status=self.config, clock=clock, apply=self._apply,
+            max_bytes=lambda: self.settings.limits.max_config_bytes, ready=lambda: self._started.is_set(),
+        )
         self._runners: list[web.BaseRunner] = []
         self._started = asyncio.Event()
         self.proxy_port = 0
@@ -255,8 +252,7 @@ class CanaryServer:
         Every step runs even if an earlier one failed: a shutdown always finishes."""
         if not quiet:
             log.info("draining", timeout=self.settings.drain_timeout)
-        if self._reload_task is not None:
-            self._reload_task.cancel()
+        self.reloader.cancel()
         if self.pool is not None:
             try:
                 await self.pool.stop()
@@ -334,86 +330,19 @@ class CanaryServer:
                     if self.replica:  # this replica's counts out, everyone's in: one round trip
                         await self.replica.exchange()
                     self.controller.tick()
-                self._poll_config(now)
+                self.reloader.poll(now)
             except Exception:  # the tick must survive anything; the error is logged
                 log.exception("tick_failed")
             due = last_analysis + self.settings.analysis.interval
             await asyncio.sleep(min(_WATCH_EVERY, max(0.01, due - loop.time())))
 
-    def _poll_config(self, now: float) -> None:
-        if self._watcher is None:
-            return
-        if self._watcher.changed():
-            self._pending_since = now  # wait for the editor to finish writing
-        elif self._pending_since is not None and now - self._pending_since >= _SETTLE:
-            self.request_reload()
-        self._watch_missing(now)
-
-    def _watch_missing(self, now: float) -> None:
-        """A file gone for longer than the settle time is reported (in /status and the
-        log) while the last good config keeps serving; once back, it is read again."""
-        assert self._watcher is not None
-        if self._watcher.present:
-            if self._missing_since is not None:
-                reported, self._missing_since = self._missing_reported, None
-                self._missing_reported = False
-                if reported:
-                    self.request_reload()
-            return
-        if self._missing_since is None:
-            self._missing_since = now
-        elif not self._missing_reported and now - self._missing_since >= _SETTLE:
-            self._missing_reported = True
-            path = self.settings.source
-            self.config.error = (
-                f"{path}: the config file is missing; the last good config keeps serving "
-                f"(restore the file: it is read again as soon as it is back)"
-            )
-            log.error("config_missing", path=str(path))
-
     def request_reload(self) -> None:
-        """Reload in the background (SIGHUP, or an edit the poll saw): one at a time, and
-        once more after the current one when asked again meanwhile."""
-        if self.settings.source is None or not self._started.is_set():
-            return  # before the state is loaded there is nothing to apply it to
-        if self._watcher is not None:  # this read covers the edit the poll may also have seen
-            self._watcher.mark_seen()
-            self._pending_since = None
-        if self._reload_task is not None and not self._reload_task.done():
-            self._reload_again = True
-            return
-        self._reload_task = asyncio.ensure_future(self._reload_until_current())
-
-    async def _reload_until_current(self) -> None:
-        while True:
-            self._reload_again = False
-            try:
-                await self.reload()
-            except Exception:
-                log.exception("reload_failed")
-            if not self._reload_again:
-                return
+        """SIGHUP: reload in the background (`proxy.front.reloading`)."""
+        self.reloader.request()
 
     async def reload(self) -> bool:
-        """Re-read the config file; a bad one is reported and the last good one kept. The
-        file is read and parsed off the event loop (requests keep flowing), and one over
-        `limits.max_config_bytes` is rejected unread."""
-        path = self.settings.source
-        if path is None or not self._started.is_set():
-            return False
-        try:
-            fresh = await asyncio.to_thread(load_settings, path, max_bytes=self.settings.limits.max_config_bytes)
-        except ConfigError as exc:
-            self.config.error = str(exc)
-            self.config.reloads_failed += 1
-            log.error("config_rejected", path=str(path), problems=[str(p) for p in exc.problems])
-            return False
-        self._apply(fresh)
-        self.config.error = None
-        self.config.loaded_at = self.clock()
-        self.config.reloads_ok += 1
-        log.info("config_reloaded", path=str(path))
-        return True
+        """Re-read the config file now; False when it was rejected (or nothing to do)."""
+        return await self.reloader.reload()
 
     def _apply(self, fresh: Settings) -> None:
         old = self.settings
