@@ -142,6 +142,7 @@ class RedisLink:
         self._thread = threading.Thread(target=self._loop.run_forever, name="canary-redis", daemon=True)
         self._thread.start()
         self._closed = False
+        self.round_trips = 0  # every call made (the notification listener's reads aside)
         self.client: Redis = Redis.from_url(
             settings.url, socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
             retry=Retry(NoBackoff(), 0), decode_responses=True,
@@ -150,6 +151,7 @@ class RedisLink:
     def submit(self, call: Callable[[Redis], Awaitable[T]]) -> concurrent.futures.Future[T]:
         if self._closed:
             raise RedisUnreachable(f"Redis at {self.url}: the connection is closed (the proxy is stopping)")
+        self.round_trips += 1  # one command or one pipeline: one round trip
 
         async def run() -> T:
             return await asyncio.wait_for(call(self.client), self.timeout * 2)

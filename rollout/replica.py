@@ -110,7 +110,7 @@ class Replica:
         self.on_change: Callable[[], None] = lambda: None
         self._listener: Any = None
         self._refreshing = False
-        self.round_trips = 0
+        self.exchanges = 0  # ticks that reached Redis
 
     # -- the gate and the evidence ---------------------------------------------------------
     def is_decider(self) -> bool:
@@ -140,12 +140,12 @@ class Replica:
         beat = {"weight": state.weight, "state": state.state, "revision": state.revision, "last_seen": self._clock()}
         sent = self._monotonic()
         try:
-            self.round_trips += 1
             results = await self.link.acall(lambda client: self._pipeline(client, stage, own, beat))
         except RedisUnreachable as exc:
             self.store.mark_unreachable(str(exc))
             return False
         holder, counts, raw_state, heartbeats = results
+        self.exchanges += 1
         self.store.mark_reachable()
         self._take_lease(holder, sent)
         self._others = (stage, _sum(counts, skip=self.id))
@@ -184,7 +184,6 @@ class Replica:
         if self.store.unsaved is not None:
             try:
                 await self.store.record_unsaved()
-                self.round_trips += 1
                 raw_state = await self.link.acall(lambda client: client.get(self.keys.state))
             except RedisUnreachable as exc:
                 self.store.mark_unreachable(str(exc))
@@ -192,7 +191,6 @@ class Replica:
         self.store.observe(raw_state)
         after = self.store.stored
         if after is not None and after.state.revision != self.store.history_revision:
-            self.round_trips += 1
             try:
                 pipe_result = await self.link.acall(self._history_tail)
             except RedisUnreachable:
@@ -241,7 +239,6 @@ class Replica:
 
     async def _refresh(self) -> None:
         try:
-            self.round_trips += 1
             raw = await self.link.acall(lambda client: client.get(self.keys.state))
             await self._settle(raw)
             self.on_change()
@@ -273,7 +270,7 @@ class Replica:
             "totals": {arm: _encode_counts(self._totals[arm]) for arm in ARMS},
             "backend": {
                 "kind": "redis", "url": self.link.url, "keys": self.keys.base + "*",
-                "error": self.store.error, "round_trips": self.round_trips,
+                "error": self.store.error, "round_trips": self.link.round_trips, "exchanges": self.exchanges,
             },
         }
 

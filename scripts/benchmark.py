@@ -272,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only compare routing.fallback off with on when nothing fails (the first of --clients; ~1 minute)",
     )
     parser.add_argument(
+        "--replicas", action="store_true",
+        help="only the Redis figures: three replicas on one Redis — round trips per replica per second, "
+        "broken canary to weight 0 everywhere, Redis SIGSTOPped 10 s (scripts/bench_replicas.py; ~1 minute)",
+    )
+    parser.add_argument(
         "--workers-compare", action="store_true",
         help="only compare `canary serve --workers 1` with `--workers 2` (the first of --clients; ~1 minute)",
     )
@@ -280,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replicas:
+        from bench_replicas import main as replicas_main
+
+        return replicas_main(["--json", str(args.json)] if args.json else [])
     if args.quick:
         args.duration, args.rounds = 3.0, 1
     args.clients = [c.strip() for c in args.clients.split(",") if c.strip()]

@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 from typing import AsyncIterator
 
-from tests.admin_support import admin_get, admin_post, stays
+from tests.admin_support import admin_get, admin_post, run_cli, stays
 from tests.polling import until, until_async
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
 from tests.replica_support import redis_config, spread_traffic
@@ -211,3 +211,18 @@ async def test_three_replicas_one_with_two_workers_walk_in_lockstep_and_roll_bac
 async def admin_post_reset(process: ServeProcess) -> None:
     status, body = await admin_post(process, "/reset", {"reason": "new release"}, token="t")
     assert status == 200, body
+
+
+async def test_canary_rollback_with_every_replica_down_writes_the_rollback_into_redis(
+    tmp_path, upstreams, redis_server
+):
+    config = redis_config(rollout_config(tmp_path, upstreams, bake="1h"), redis_server.url)
+    async with serving(config, 1) as (process,):
+        await until_async(lambda: status(process), lambda s: s["weight"] == 5, 10)
+    result = await run_cli("rollback", "-c", str(config), "--reason", "bad release")
+    assert result.code == 0, result.err
+    assert f"rollback recorded in Redis at {redis_server.url} (t:shop:*)" in result.out
+    assert stored(redis_server)["state"] == "rolled_back"
+    async with serving(config, 1) as (process,):  # a replica started afterwards obeys it
+        again = await status(process)
+    assert again["weight"] == 0 and again["state"] == "rolled_back" and again["reason"] == "bad release"

@@ -46,3 +46,20 @@ async def test_a_30_percent_error_canary_is_rolled_back_on_every_replica(tmp_pat
     assert len(rollbacks) == 1 and rollbacks[0]["trigger"] == "auto"  # decided once, for all
     assert {r["id"] for r in status[0]["replicas"]} == {s["replica_id"] for s in status}
     assert sum(r["decider"] for r in status[1]["replicas"]) == 1
+
+
+async def test_a_command_on_one_replica_reaches_the_others_by_notification_not_the_next_tick(
+    tmp_path, upstreams, redis_server
+):
+    config = rollout_config(tmp_path, upstreams, bake="1h")
+    config.write_text(config.read_text().replace("interval: 50ms", "interval: 10s"))  # polling: every 10 s
+    config = redis_config(config, redis_server.url)
+    async with replicas(config, config, config) as servers:
+        a, b, c = servers
+        await until(lambda: all(s.weight() == 5 for s in servers), timeout=5, what="first stage everywhere")
+        a.controller.set_weight(40, reason="operator on replica a")  # what POST /weight does
+        await until(lambda: b.weight() == 40 and c.weight() == 40, timeout=3, what="the others follow")
+        c.controller.rollback(reason="operator on replica c")
+        await until(lambda: a.weight() == 0 and b.weight() == 0, timeout=3, what="rollback everywhere")
+        actions = [t["action"] for t in b.controller.history()]
+    assert actions == ["start", "set_weight", "rollback"]
