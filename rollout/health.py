@@ -43,8 +43,10 @@ def stage_health(canary: StageCounts, policy: Policy) -> StageHealth:
     below, above = [], []
     for index, test in enumerate(policy.plan.absolute):
         trials, events = judged_counts(canary, index)
-        below.append(shown_below(trials, events, test.p0, policy.beta))
-        above.append(shown_above(trials, events, test.p0, policy.beta))
+        observed = events / trials if trials else test.p0
+        # a bound can only be past the threshold on the side the estimate is on
+        below.append(observed < test.p0 and shown_below(trials, events, test.p0, policy.beta))
+        above.append(observed > test.p0 and shown_above(trials, events, test.p0, policy.beta))
     return StageHealth(below=tuple(below), above=tuple(above))  # type: ignore[arg-type]
 
 

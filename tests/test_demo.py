@@ -252,3 +252,24 @@ async def test_legacy_sync_upstream_queues_beyond_its_workers(aiohttp_client) ->
     assert [a.status for a in answers] == [200] * 4
     assert time.monotonic() - started >= 0.1  # two rounds of two workers
     assert client.app[UPSTREAM_STATS].queued_peak == 2
+
+
+async def test_demo_of_a_canary_at_8_percent_errors_never_promotes_it_and_shows_the_evidence(tmp_path: Path) -> None:
+    code, out, err, _ = await run_demo(tmp_path, "--canary-error-rate", "0.08", "--time-limit", "20")
+
+    assert code == 0, err
+    assert "PROMOTED" not in out and "promoted to" not in out, out
+    stepped = re.search(r"^Result:\s+STEPPED BACK and paused at 0%", out, re.M)
+    waiting = re.search(r"^Result:\s+NOT FINISHED in time: state progressing at weight 5%", out, re.M)
+    assert stepped or waiting, out
+    assert re.search(r"canary error rate \d+\.\d% \(\d+/\d+, CI \d+\.\d%–\d+\.\d%\)", out), out
+    assert re.search(r"^Measured:\s+canary +\d+ requests at this stage, \d+ errors", out, re.M), out
+
+
+async def test_demo_of_a_canary_half_a_second_slower_is_caught_by_the_regression_test(tmp_path: Path) -> None:
+    code, out, err, _ = await run_demo(tmp_path, "--canary-latency", "0.5", "--time-limit", "30")
+
+    assert code == 0, err
+    assert re.search(r"^Result:\s+STEPPED BACK and paused at 0% \(a warning signal\)", out, re.M), out
+    assert re.search(r"^Why:\s+warning: canary latency regression: \d+\.\d% of canary requests", out, re.M), out
+    assert "= max(1.5 x baseline p95" in out

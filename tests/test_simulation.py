@@ -34,8 +34,8 @@ def test_binomial_and_poisson_draws_have_the_right_mean(simulate: ModuleType) ->
 
 
 def test_a_healthy_canary_is_never_stepped_back_or_rolled_back(simulate: ModuleType) -> None:
-    counts = simulate._first_actions(simulate._steady(10, 0.01), Policy(), 200, 5, 11)
-    assert counts[None] + counts["promote"] == 200
+    counts = simulate._first_actions(simulate._steady(10, 0.01), Policy(), 100, 5, 11)
+    assert counts[None] + counts["promote"] == 100
 
 
 def test_a_shared_outage_does_not_roll_back(simulate: ModuleType) -> None:
@@ -56,8 +56,36 @@ def test_a_warning_level_canary_is_stepped_back_not_rolled_back(simulate: Module
     assert counts["step_back"] >= 28
 
 
+def test_a_canary_between_the_threshold_and_twice_it_is_never_promoted(simulate: ModuleType) -> None:
+    results = simulate._runs(simulate._steady(100, 0.075), Policy(), 10, 15, weight=25, duration=1800.0)
+    assert not any(r.promoted_at is not None for r in results)
+
+
+def test_a_canary_exactly_at_the_threshold_rarely_passes_the_promotion_gate(simulate: ModuleType) -> None:
+    assert simulate._gate_alone(20, 16) <= 2  # beta = 5% of 20 is 1; room for sampling
+
+
+def test_a_canary_at_0_8_x_the_threshold_is_promoted_once_shown_below(simulate: ModuleType) -> None:
+    results = simulate._runs(simulate._steady(100, 0.04), Policy(bake=0.0), 5, 17, weight=25, duration=3600.0)
+    assert sum(r.promoted_at is not None for r in results) >= 4
+
+
+def test_a_canary_twice_as_slow_is_flagged_and_a_tenth_slower_or_a_shared_spike_is_not(simulate: ModuleType) -> None:
+    slow = simulate._runs(simulate._latency(2.0), Policy(), 10, 18, weight=25)
+    assert all(r.action == "step_back" and r.at < 120 for r in slow)
+    for make in (simulate._latency(1.1), simulate._latency(1.0, spikes=3)):
+        assert not any(r.action for r in simulate._runs(make, Policy(), 4, 19, weight=25))
+
+
+def test_the_verdict_of_a_steady_8_percent_canary_never_reads_ok_after_its_alarm(simulate: ModuleType) -> None:
+    results = simulate._runs(simulate._steady(100, 0.08), Policy(on_warning="pause"), 5, 20, weight=25,
+                             watch_verdict=True)
+    assert all(r.action == "pause" for r in results) and not any(r.ok_after_alarm for r in results)
+
+
 def test_the_script_prints_a_markdown_table(simulate: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     assert simulate.main(["--seeds-scale", "0.01"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| scenario | result | target |\n|---|---|---|\n")
-    assert out.count("\n| ") >= 12
+    assert out.count("\n| ") >= 24
+    assert "verdict stability" in out and "shared latency spike" in out

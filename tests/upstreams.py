@@ -30,6 +30,7 @@ class UpstreamStats:
         self.received = 0  # request body bytes read by /upload so far
         self.fail_ratio = 0.0  # this share of requests answers 500, evenly spread
         self.hang = False  # every request waits for `release`
+        self.delay = 0.0  # every request waits this many seconds before it is answered
         self._failed = 0
 
     def should_fail(self) -> bool:
@@ -56,6 +57,8 @@ def make_upstream_app(name: str) -> web.Application:
         try:
             if stats.hang:
                 await stats.release.wait()
+            if stats.delay:
+                await asyncio.sleep(stats.delay)
             if stats.should_fail():
                 return web.json_response({"error": {"message": f"{name} failed"}}, status=500)
             return await handler(request)

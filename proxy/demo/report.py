@@ -119,6 +119,12 @@ def summary(outcome: DemoOutcome, width: int = 100) -> str:
     if decisive is not None:
         lines += _wrapped("Why:" if outcome.finished else "Last step:", decisive["reason"], width)
         lines += _figures(decisive.get("evidence", {}))
+    if not outcome.finished:  # still waiting: what the stage's evidence says now
+        verdict = outcome.status.get("verdict", {})
+        level = str(verdict.get("level", "-"))
+        for reason in verdict.get("reasons", [])[:2]:
+            lines += _wrapped("Verdict:", reason if reason.startswith(level) else f"{level}: {reason}", width)
+        lines += _figures({**verdict.get("evidence", {}), "window": outcome.status.get("arms", {})})
     lines += _thresholds(outcome.status)
     lines += _stages(outcome)
     lines += _traffic(outcome)
