@@ -33,7 +33,7 @@ class Pace:
 FAST = Pace(
     bake="2s", shadow="3s", interval="100ms", window="10s", min_requests=40, analysis_min_requests=20,
     p95_warning="1s", p99_critical="2s", first_token=(0.02, 0.08), per_token=(0.002, 0.006),
-    tokens=(4, 12), legacy_workers=64, concurrency=64, think=(0.0, 0.02), time_limit=90.0,
+    tokens=(2, 6), legacy_workers=64, concurrency=64, think=(0.0, 0.02), time_limit=90.0,
 )
 NORMAL = Pace(
     bake="30s", shadow="30s", interval="1s", window="30s", min_requests=100, analysis_min_requests=20,
