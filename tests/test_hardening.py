@@ -22,7 +22,8 @@ from tests.hardening_support import (
     resetting_upstream,
     status_code,
 )
-from tests.polling import until
+from tests.polling import until, until_async
+from tests.serve_process import write_config
 from tests.upstreams import STATS, raw_upstream
 
 
@@ -217,3 +218,31 @@ async def test_request_heads_past_the_parser_limits_are_refused_and_never_forwar
     answer = await exchange(proxy.proxy_port, request_head)
     assert status_code(answer.partition(b"\r\n\r\n")[0]) == status
     assert upstreams["canary"].app[STATS].hits == 0 and upstreams["baseline"].app[STATS].hits == 0
+
+
+async def test_each_worker_guards_its_connections_and_sheds_into_one_metric(canary, upstreams, tmp_path):
+    """`workers: 2`: the header timeout closes a half-sent head on whichever worker took
+    it, and a refusal past a worker's connection cap shows in the supervisor's metric."""
+    config = hardened_config(tmp_path / "c.yaml", upstreams, limits="header_timeout: 1s, max_connections: 1")
+    proxy = await canary(write_config(config, "workers: 2\n" + config.read_text()))
+    stats = upstreams["canary"].app[STATS]
+    answer = await exchange(proxy.proxy_port, b"GET / HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    held: list[asyncio.StreamWriter] = []
+    refused = 0
+    while refused == 0:  # the kernel spreads connections: hold one per worker, then one more
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.proxy_port)
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        held.append(writer)
+        done, pending = await asyncio.wait([asyncio.ensure_future(reader.read(200))], timeout=0.5)
+        refused += sum(task.result().startswith(b"HTTP/1.1 503 ") for task in done)
+        for task in pending:
+            task.cancel()
+        assert len(held) < 50, "no worker ever refused"
+    stats.release.set()
+    for writer in held:
+        writer.close()
+    metrics = await until_async(
+        lambda: _metrics(proxy), lambda text: 'canary_shed_total{reason="max_connections"} 0.0' not in text
+    )
+    assert 'canary_shed_total{reason="max_connections"}' in metrics

@@ -31,6 +31,11 @@ async def h2_app(scope, receive, send):
                     "headers": [(b"content-encoding", b"gzip"), (b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": GZ})
         return
+    if scope["path"] == "/big-head":  # 100 KB of ordinary header lines
+        headers = [(b"x-h%d" % i, b"b" * 1000) for i in range(100)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
     if scope["path"] == "/sse":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         for i in range(3):
@@ -88,3 +93,14 @@ async def test_http2_upstream_gets_http2_and_bodies_stream_through(proxy_factory
     assert encoding == "gzip" and raw == GZ
     assert events == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
     assert state.recorder.arms["canary"].stage_counts().requests == 3
+
+
+async def test_an_http2_response_head_over_the_cap_is_502_and_counts_against_the_arm(proxy_factory, h2_upstream):
+    canary = upstream_settings("canary", h2_upstream, http2=True)
+    server, state = await proxy_factory(weight=100, canary=canary)
+    async with aiohttp.ClientSession() as client:
+        async with client.get(server.make_url("/big-head")) as resp:
+            body = await resp.json()
+    assert resp.status == 502 and body["arm"] == "canary" and "X-H1" not in resp.headers
+    counts = state.recorder.arms["canary"].stage_counts()
+    assert (counts.requests, counts.errors) == (1, 1)

@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from config.errors import PoolExhausted, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from config.settings import UpstreamSettings
-from proxy.upstream.base import UpstreamResponse, overloaded
+from proxy.upstream.base import MAX_RESPONSE_HEAD_BYTES, MAX_RESPONSE_HEADERS, UpstreamResponse, overloaded
 
 __all__ = ["HttpxTransport"]
 
@@ -102,6 +102,7 @@ class HttpxTransport:
             try:
                 async with asyncio.timeout_at(deadline):
                     response = await self._transport.handle_async_request(request)
+                await self._check_head(response)
                 return _HttpxResponse(self, response, deadline)
             except _CONNECT_FAILURES as exc:
                 if attempt >= self._retries.attempts or overloaded(self._arm, exc) is not None:
@@ -110,6 +111,16 @@ class HttpxTransport:
                 attempt += 1
             except (TimeoutError, httpx.HTTPError) as exc:
                 raise _translate(self._arm, exc) from None
+
+    async def _check_head(self, response: httpx.Response) -> None:
+        """The same response head cap as the HTTP/1.1 clients (h2's own limit is hpack's)."""
+        raw = response.headers.raw
+        if len(raw) > MAX_RESPONSE_HEADERS or sum(len(n) + len(v) + 4 for n, v in raw) > MAX_RESPONSE_HEAD_BYTES:
+            await response.aclose()
+            arm = self._arm
+            raise UpstreamConnectError(
+                arm, f"{arm}: the upstream's response head is over {MAX_RESPONSE_HEAD_BYTES} bytes or {MAX_RESPONSE_HEADERS} headers"
+            )
 
     def busy(self) -> bool:
         return self.in_use > 0
