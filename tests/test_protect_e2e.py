@@ -216,3 +216,17 @@ async def test_the_dashboard_shows_the_shadow_stage(tmp_path, upstreams):
                 assert f"{server.mirror.sent} mirrored, 0 dropped" in await page.inner_text("#shadow")
             finally:
                 await browser.close()
+
+
+async def test_fallback_turned_on_by_a_config_reload_applies_to_the_next_request(tmp_path, upstreams):
+    upstreams["canary"].app[STATS].fail_ratio = 1.0
+    config = protect_config(tmp_path, upstreams)
+    url = "/v1/models"
+    async with running(config) as server, aiohttp.ClientSession() as client:
+        proxy = f"http://127.0.0.1:{server.proxy_port}{url}"
+        async with client.get(proxy, headers={"X-Canary": "canary"}) as resp:
+            assert (resp.status, resp.headers["X-Canary-Arm"]) == (500, "canary")
+        write_config(config, config.read_text().replace('sticky_key: "", ', 'sticky_key: "", fallback: {enabled: true}'))
+        assert await server.reload()
+        async with client.get(proxy, headers={"X-Canary": "canary"}) as resp:
+            assert (resp.status, resp.headers["X-Canary-Arm"], resp.headers["X-Canary-Fallback"]) == (200, "baseline", "5xx")
