@@ -69,6 +69,8 @@ class AdminBackend(Protocol):
         """How long an admin request body may take to arrive (`limits.header_timeout`)."""
         ...
 
+    def websockets_open(self) -> dict[str, int]: ...
+
 
 class BadRequest(CanaryError):
     """A request body the admin API cannot act on; the message names the problem."""
@@ -82,6 +84,8 @@ def status_document(server: AdminBackend) -> dict[str, Any]:
     document["shadow"] = {
         "active": document["state"] == "shadow", "duration": shadow, **server.mirror.status()
     }
+    for arm, count in server.websockets_open().items():
+        document["arms"][arm]["websockets_open"] = count
     workers = server.workers_status()
     if workers is not None:
         document["workers"] = workers
@@ -268,6 +272,7 @@ def _metrics_source(server: AdminBackend) -> MetricsSource:
         shadow_mirrored=lambda: server.mirror.sent,
         shadow_dropped=lambda: server.mirror.dropped,
         shed=server.shed_totals,
+        websockets_open=server.websockets_open,
     )
 
 

@@ -39,6 +39,7 @@ class MetricsSource:
     shadow_mirrored: Callable[[], int] = int  # copies sent to the canary during shadow
     shadow_dropped: Callable[[], Mapping[str, int]] = dict  # reason -> copies not sent
     shed: Callable[[], Mapping[str, int]] = dict  # reason -> requests refused for the proxy's own lack
+    websockets_open: Callable[[], Mapping[str, int]] = dict  # arm -> open WebSockets
 
 
 def histogram_buckets(latency_totals: Sequence[int]) -> list[tuple[str, float]]:
@@ -75,6 +76,7 @@ class CanaryCollector(Collector):
         yield self._fallbacks()
         yield from self._shadow()
         yield self._shed()
+        yield self._websockets()
 
     def _requests(self, arms: dict[str, ArmTotals]) -> Metric:
         family = CounterMetricFamily(
@@ -122,6 +124,13 @@ class CanaryCollector(Collector):
             family.add_metric([result], float(counts.get(result, 0)))
         return family
 
+
+    def _websockets(self) -> Metric:
+        family = GaugeMetricFamily("canary_websockets_open", "Open WebSocket connections, by arm.", labels=["arm"])
+        counts = self.source.websockets_open()
+        for arm in ARMS:
+            family.add_metric([arm], float(counts.get(arm, 0)))
+        return family
 
     def _fallbacks(self) -> Metric:
         family = CounterMetricFamily(

@@ -29,6 +29,7 @@ from proxy.front.headers import client_response_headers, upstream_request_header
 from proxy.front.routing import Router
 from proxy.front.shadow import Mirror
 from proxy.front.shedding import RETRY_AFTER, Shedding
+from proxy.front.websocket import WebSockets, is_websocket_upgrade
 from rollout.evidence import ArmRecorder, OutcomeRecorder
 
 __all__ = ["PROXY_SERVER_OPTIONS", "REFUSED_METHODS", "ProxyHandler", "ProxyState", "forward", "make_proxy_handler", "make_proxy_server"]
@@ -53,8 +54,10 @@ class ProxyState:
         fallback: Fallback | None = None,
         mirror: Mirror | None = None,
         shedding: Shedding | None = None,
+        websockets: WebSockets | None = None,
     ) -> None:
         self.shedding = shedding or Shedding()  # refusals for the proxy's own lack of resources
+        self.websockets = websockets  # None: upgrades are not passed (Upgrade is hop-by-hop)
         self.router = router
         self.recorder = recorder
         self.recorders: dict[ArmName, ArmRecorder] = recorder.arms
@@ -115,6 +118,10 @@ async def forward(request: web.BaseRequest, *, state: ProxyState) -> web.StreamR
     router = state.router
     arm = router.choose_arm(request)
     request_headers = request.headers
+    if "Upgrade" in request_headers and state.websockets is not None and is_websocket_upgrade(request):
+        return await state.websockets.relay(
+            request, arm=arm, recorder=state.recorders[arm], clock=state.clock, arm_header=router.snapshot.arm_header
+        )
     headers = upstream_request_headers(
         request_headers, client_ip=request.remote, scheme=request.scheme, host=request.host
     )

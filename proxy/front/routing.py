@@ -73,9 +73,13 @@ class Router:
     def __init__(self, snapshot: RoutingSnapshot, *, rng: Callable[[], float] = random.random) -> None:
         self.snapshot = snapshot
         self._rng = rng
+        self.on_weight: Callable[[int, int], None] | None = None  # told (before, after) on a change
 
     def set_weight(self, weight: int) -> None:
+        before = self.snapshot.weight
         self.snapshot = replace(self.snapshot, weight=weight)
+        if self.on_weight is not None and before != weight:
+            self.on_weight(before, weight)
 
     def set_shadow(self, active: bool) -> None:
         self.snapshot = replace(self.snapshot, shadow=active)

@@ -26,6 +26,7 @@ from config.errors import StateError
 from config.settings import Settings
 from config.watch import ConfigStatus
 from proxy.admin.app import make_admin_app
+from proxy.front.websocket import WebSockets, open_from_counters
 from proxy.front.fallback import Fallback
 from proxy.front.shadow import Mirror, MirrorLimits
 from proxy.front.forward import ProxyState, make_proxy_server
@@ -113,6 +114,7 @@ class CanaryServer:
             settings.source, status=self.config, clock=clock, apply=self._apply,
             max_bytes=lambda: self.settings.limits.max_config_bytes, ready=lambda: self._started.is_set(),
         )
+        self.websockets: WebSockets | None = None  # in-process; with workers each has its own
         self._runners: list[web.BaseRunner] = []
         self._started = asyncio.Event()
         self.proxy_port = 0
@@ -121,6 +123,12 @@ class CanaryServer:
     def weight(self) -> int:
         """The weight the proxy listener applies now."""
         return self.pool.weight() if self.pool else self.router.snapshot.weight
+
+    def websockets_open(self) -> dict[str, int]:
+        """Open WebSockets by arm (summed over the workers)."""
+        if self.pool:
+            return dict(open_from_counters(self.pool.evidence.counters()))
+        return dict(self.websockets.counts()) if self.websockets else {}
 
     def workers_status(self) -> list[dict[str, Any]] | None:
         """Each worker process (slot, pid, restarts, requests); None with one process."""
@@ -143,9 +151,11 @@ class CanaryServer:
         self.tls = ListenerTls(self.settings.tls) if self.settings.tls else None
         if self.pool is None:
             self.upstreams = UpstreamClients(self.settings.upstreams)
+            self.websockets = WebSockets(self.settings.upstreams, self.settings.routing.websocket)
+            self.router.on_weight = self.websockets.weight_changed
             self.proxy_state = ProxyState(
                 router=self.router, recorder=self._local, transports=self.upstreams.transports, clock=loop.time,
-                fallback=self.fallback, mirror=self.mirror, shedding=self.shedding,
+                fallback=self.fallback, mirror=self.mirror, shedding=self.shedding, websockets=self.websockets,
             )
         files = JsonFileStore(self.settings.state.path)
         store: StateStore = files
@@ -258,6 +268,8 @@ class CanaryServer:
                 await self.pool.stop()
             except Exception:
                 log.exception("shutdown_step_failed", step="workers")
+        # WebSockets never end by themselves: they get drain_timeout, then 1001.
+        going_away = asyncio.ensure_future(self.websockets.close_all_after(self.settings.drain_timeout)) if self.websockets else None
         for runner in self._runners:
             try:
                 await runner.cleanup()
@@ -265,6 +277,8 @@ class CanaryServer:
                 log.exception("shutdown_step_failed", step="listener")
         self._runners.clear()
         await self.mirror.close()  # copies in flight: their answers are discarded anyway
+        if going_away is not None:
+            going_away.cancel()
         if self.upstreams is not None:  # the proxy has drained: no request uses them now
             try:
                 await self.upstreams.close()
@@ -363,6 +377,8 @@ class CanaryServer:
             crit_limit=fresh.analysis.latency.p99_critical,
         )
         self.router.set_routing(fresh.routing)
+        if self.websockets is not None:
+            self.websockets.configure(fresh.upstreams, fresh.routing.websocket)
         self.fallback.configure(fresh.routing.fallback, body_timeout=fresh.upstreams.canary.timeout.total)
         self.mirror.configure(fresh.rollout, MirrorLimits.from_settings(fresh))
         if fresh.limits != old.limits and self.proxy_guard is not None and self.descriptors is not None:

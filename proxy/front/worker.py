@@ -32,6 +32,7 @@ from proxy.front.routing import Router, RoutingSnapshot
 from proxy.front.shadow import Mirror, MirrorLimits
 from proxy.front.shedding import Shedding
 from proxy.front.tls import ListenerTls
+from proxy.front.websocket import WebSockets
 from proxy.logs import configure_logging
 from proxy.upstream.pool import UpstreamClients
 from rollout.evidence import OutcomeRecorder
@@ -59,7 +60,10 @@ class ProxyWorker:
         self.router.set_shadow(hello.shadow)
         self.upstreams = UpstreamClients(hello.settings.upstreams)
         self.fallback = Fallback(hello.settings.routing.fallback, body_timeout=hello.settings.upstreams.canary.timeout.total)
+        self.websockets = WebSockets(hello.settings.upstreams, hello.settings.routing.websocket)
+        self.router.on_weight = self.websockets.weight_changed
         self.state = ProxyState(
+            websockets=self.websockets,
             router=self.router,
             recorder=self.recorder,
             transports=self.upstreams.transports,
@@ -90,10 +94,12 @@ class ProxyWorker:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close."""
+        going_away = asyncio.ensure_future(self.websockets.close_all_after(self.settings.drain_timeout))
         try:
             await self._runner.cleanup()
             await self.state.mirror.close()
         finally:
+            going_away.cancel()
             await self.upstreams.close()
 
     def sync(self, message: Sync) -> WorkerReport | None:
@@ -110,7 +116,10 @@ class ProxyWorker:
     def report(self) -> WorkerReport:
         now = self.state.clock()
         self.recorder.sweep(now)
-        counters = {**fallback_counters(self.fallback), **self.state.mirror.counters(), **shed_counters(self.state.shedding)}
+        counters = {
+            **fallback_counters(self.fallback), **self.state.mirror.counters(), **shed_counters(self.state.shedding),
+            **self.websockets.counters(),
+        }
         return report_of(self.recorder.arms, self.stage_id, now, counters=counters)
 
     def reconfigure(self, fresh: Settings) -> None:
@@ -120,6 +129,7 @@ class ProxyWorker:
             window=analysis.window, warn_limit=analysis.latency.p95_warning, crit_limit=analysis.latency.p99_critical
         )
         self.router.set_routing(fresh.routing)
+        self.websockets.configure(fresh.upstreams, fresh.routing.websocket)
         self.fallback.configure(fresh.routing.fallback, body_timeout=fresh.upstreams.canary.timeout.total)
         self.state.mirror.configure(fresh.rollout, MirrorLimits.from_settings(fresh))
         self.guard.limits = ListenerLimits.from_settings(fresh.limits, self.descriptors.soft)

@@ -106,6 +106,7 @@ function renderArm(arm, figures, thresholds) {
   const shown = {
     requests: figures.requests, errors: figures.errors, error_rate: pct(figures.error_rate),
     p50: secs(figures.p50), p95: secs(figures.p95), p99: secs(figures.p99), inflight: figures.inflight,
+    websockets_open: figures.websockets_open ?? 0,
   };
   for (const cell of row.querySelectorAll("td")) {
     cell.textContent = shown[cell.dataset.k];
