@@ -68,6 +68,7 @@ async def test_metrics_match_the_traffic_sent(canary, upstreams):
         "canary_rollbacks": "counter", "canary_config_reloads": "counter", "canary_fallbacks": "counter",
         "canary_shadow_requests": "counter", "canary_shadow_dropped": "counter",
         "canary_shed": "counter",
+        "canary_websockets_open": "gauge",
     }
     for reason in ("max_connections", "descriptors", "memory", "pool_exhausted"):
         assert value(samples, "canary_shed_total", reason=reason) == 0, reason

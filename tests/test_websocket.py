@@ -170,14 +170,19 @@ async def test_a_slow_reader_pauses_the_other_side_instead_of_buffering(ws_proxy
         async with client.ws_connect(server.make_url("/ws/sink")) as ws:
             (relay,) = state.websockets.open["baseline"]
             chunk = bytes(FLOOD_CHUNK)
-            sent = 0
-            while relay.client.is_reading() and sent < total * FLOOD_CHUNK:
-                await ws.send_bytes(chunk)
-                sent += FLOOD_CHUNK
-            assert not relay.client.is_reading()
+
+            async def send_all() -> None:
+                for _ in range(total):
+                    await ws.send_bytes(chunk)
+
+            sender = asyncio.create_task(send_all())
+            await until(lambda: not relay.client.is_reading(), what="client paused")
             assert relay.upstream_transport.get_write_buffer_size() < 1 << 20
+            assert not sender.done()
             ws_upstreams["baseline"].app[WS_STATS].reading.set()
-            await until(lambda: ws_upstreams["baseline"].app[WS_STATS].received == sent, what="all delivered")
+            await sender
+            await until(lambda: ws_upstreams["baseline"].app[WS_STATS].received == total * FLOOD_CHUNK,
+                        what="all delivered")
 
 
 _last: dict[int, int] = {}
