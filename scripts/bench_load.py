@@ -15,6 +15,7 @@ is not installed. `wrk()` runs wrk itself, `batch()` times N concurrent fresh re
 from __future__ import annotations
 
 import asyncio
+import ssl
 import json
 import re
 import shutil
@@ -147,8 +148,19 @@ def _request(url: str, *, close: bool = False, body: int = 0) -> tuple[str, int,
     return parts.hostname or "127.0.0.1", parts.port or 80, head + b"x" * body
 
 
+def _client_tls(url: str) -> ssl.SSLContext | None:
+    """https:// targets: TLS without verification (the benchmark's own self-signed cert)."""
+    if not url.startswith("https://"):
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 async def builtin_load(url: str, connections: int, seconds: float, body: int = 0) -> LoadResult:
     host, port, request = _request(url, body=body)
+    tls = _client_tls(url)
     latencies: list[float] = []
     errors = 0
     loop = asyncio.get_running_loop()
@@ -156,7 +168,7 @@ async def builtin_load(url: str, connections: int, seconds: float, body: int = 0
 
     async def one_connection() -> None:
         nonlocal errors
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls)
         try:
             while loop.time() < deadline:
                 start = perf_counter()  # uvloop's loop.time() counts whole milliseconds

@@ -5,6 +5,7 @@
     python scripts/benchmark.py --duration 15 --clients lean --json out.json
     python scripts/benchmark.py --workers-compare --clients lean   # --workers 1 vs 2 only
     python scripts/benchmark.py --fallback-compare --clients lean  # routing.fallback off vs on only
+    python scripts/benchmark.py --protocols  # WebSockets (idle memory, echo) and TLS vs plain only
 
 What runs (each server one process; proxies pinned to core 0, upstream and load to core 1):
 
@@ -280,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers-compare", action="store_true",
         help="only compare `canary serve --workers 1` with `--workers 2` (the first of --clients; ~1 minute)",
     )
+    parser.add_argument(
+        "--protocols", action="store_true",
+        help="only the WebSocket and TLS figures (scripts/bench_protocols.py; ~1 minute)",
+    )
+    parser.add_argument("--websockets", type=int, default=1000, help="idle WebSockets for --protocols (default 1000)")
     return parser
 
 
@@ -307,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _workers_compare(bench, args)
             if args.fallback_compare:
                 return _fallback_compare(bench, args)
+            if args.protocols:
+                return _protocols(bench, args)
             results = bench.run()
         except KeyboardInterrupt:
             print("interrupted; stopping the servers", file=sys.stderr)
@@ -369,6 +377,24 @@ def _fallback_compare(bench: Benchmark, args: argparse.Namespace) -> int:
         print(f"{name:28} {row['rps']:>8,} {row['p99_ms']:>8} {row['p50_1conn_us']:>17}")
     if args.json:
         args.json.write_text(json.dumps({"machine": bench.results.machine, "fallback": rows}, indent=2))
+    return 0
+
+
+def _protocols(bench: Benchmark, args: argparse.Namespace) -> int:
+    """WebSockets through the proxy (idle memory, echo rate) and TLS vs plain req/s."""
+    from bench_protocols import measure_protocols, print_protocols
+
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))  # the WebSocket clients run here
+    baseline, _canary, _pid = bench.start_upstream()
+    figures = measure_protocols(
+        bench.children, bench.dir, proxy_core=bench.proxy_core, upstream_core=bench.load_core, load=bench.load,
+        websockets=args.websockets, connections=args.connections, seconds=args.duration / args.rounds,
+        http_upstream=baseline,
+    )
+    print(json.dumps(bench.results.machine))
+    print_protocols(figures)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": bench.results.machine, "protocols": asdict(figures)}, indent=2))
     return 0
 
 

@@ -50,6 +50,8 @@ def is_websocket_upgrade(request: web.BaseRequest) -> bool:
 class _ClientSide(asyncio.Protocol):
     """Takes the client's transport over from aiohttp once the upgrade is answered."""
 
+    __slots__ = ("relay", "previous")
+
     def __init__(self, relay: Relay, previous: asyncio.BaseProtocol) -> None:
         self.relay = relay
         self.previous = previous  # aiohttp's handler: told when the connection ends
@@ -73,6 +75,12 @@ class _ClientSide(asyncio.Protocol):
 
 class Relay:
     """One open WebSocket: both transports, both directions' frame trackers, the outcome."""
+
+    __slots__ = (
+        "arm", "client", "upstream", "upstream_transport", "from_client_frames", "from_upstream_frames", "done",
+        "_finished", "_first_close", "_to_client", "_to_upstream", "_stop_to_client", "_stop_to_upstream", "_grace",
+        "__weakref__",
+    )
 
     def __init__(
         self, arm: ArmName, client: asyncio.Transport, upstream: UpstreamConnection,
@@ -304,6 +312,7 @@ class WebSockets:
         await response.prepare(request)
         await response.write_eof()  # the 101 head goes out; from here on the relay owns the bytes
         relay.start(answer.tail)
+        connection.answer = answer = None  # type: ignore[assignment]  # the head is not needed any more
         try:
             await asyncio.shield(relay.done)
         except asyncio.CancelledError:

@@ -48,6 +48,8 @@ class Handshake:
 
 
 class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("arm", "transport", "relay", "answer", "done", "_parser", "_head_size", "_body", "_body_size")
+
     def __init__(self, arm: str, loop: asyncio.AbstractEventLoop) -> None:
         self.arm = arm
         self.transport: asyncio.Transport | None = None
@@ -124,6 +126,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.done.done():
             return
         self.answer.tail = tail
+        self._parser = None  # type: ignore[assignment]  # the bytes are frames from now on
+        self._body = []
         if self.transport is not None:
             self.transport.pause_reading()  # frames wait until the client's side is ready
         self.done.set_result(self.answer)
