@@ -27,10 +27,11 @@ async def ws_upstreams(aiohttp_server) -> dict[str, Any]:
 async def serve(tmp_path: Path, ws_upstreams):
     started: list[ServeProcess] = []
 
-    async def start(*, rollout: str, drain: str = "5s", on_rollback: str = "close") -> ServeProcess:
+    async def start(*, rollout: str, drain: str = "5s", on_rollback: str = "close", workers: int = 1) -> ServeProcess:
         config = write_config(
             tmp_path / "canary.yaml",
-            f"""listen: "127.0.0.1:0"
+            f"""workers: {workers}
+listen: "127.0.0.1:0"
 drain_timeout: {drain}
 admin: {{listen: "127.0.0.1:0", token: "{TOKEN}"}}
 upstreams:
@@ -117,3 +118,21 @@ async def test_sigterm_closes_open_websockets_with_1001_after_drain_timeout(serv
             assert (closing.type, closing.data) == (WSMsgType.CLOSE, 1001)
             await ws.close()
     assert await proxy.stop(timeout=15) == 0
+
+
+async def test_with_two_workers_websockets_relay_count_and_close_on_rollback(serve):
+    proxy = await serve(rollout="{weight: 100}", workers=2)
+    async with aiohttp.ClientSession() as client:
+        sockets = [await client.ws_connect(f"{proxy.proxy_url}/ws/echo") for _ in range(4)]
+        for ws in sockets:
+            assert await hello(ws) == "canary"
+            await ws.send_bytes(b"\x00\xff" * 1000)
+            assert (await ws.receive(timeout=5)).data == b"\x00\xff" * 1000
+        await until_status(proxy, lambda s: s["arms"]["canary"]["websockets_open"] == 4)  # summed over workers
+        code, _ = await admin_post(proxy, "/rollback", {"reason": "test"})
+        assert code == 200
+        for ws in sockets:  # each worker closes its own
+            closing = await ws.receive(timeout=5)
+            assert (closing.type, closing.data) == (WSMsgType.CLOSE, 1012)
+            await ws.close()
+    await until_status(proxy, lambda s: s["arms"]["canary"]["websockets_open"] == 0)
