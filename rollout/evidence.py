@@ -31,6 +31,7 @@ __all__ = [
     "ArmTotals",
     "EvidenceSource",
     "OutcomeRecorder",
+    "STAGE_LATENCY_BINS",
     "STAGE_LATENCY_EDGES",
     "StageCounts",
     "add_bins",
@@ -54,7 +55,7 @@ _BUCKETS_PER_WINDOW = 60
 # stage latency histogram: 1 ms .. ~1,000 s, each edge 5% above the previous one
 _STAGE_FIRST_EDGE = 0.001
 _STAGE_LOG_STEP = log(1.05)
-_STAGE_BINS = 285
+_STAGE_BINS = STAGE_LATENCY_BINS = 285
 STAGE_LATENCY_EDGES: tuple[float, ...] = tuple(_STAGE_FIRST_EDGE * 1.05**i for i in range(_STAGE_BINS - 1))
 _SLOW_WARN = 1
 _SLOW_CRIT = 2

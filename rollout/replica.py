@@ -29,7 +29,7 @@ import structlog
 from redis.asyncio import Redis
 
 from config.settings import ARMS, ArmName, Settings
-from rollout.evidence import ArmSnapshot, ArmTotals, EvidenceSource, StageCounts
+from rollout.evidence import STAGE_LATENCY_BINS, ArmSnapshot, ArmTotals, EvidenceSource, StageCounts, add_bins
 from rollout.redis_store import RedisKeys, RedisLink, RedisStore, RedisUnreachable
 from rollout.state import RolloutState, Transition, to_iso
 
@@ -304,11 +304,26 @@ def _zero() -> dict[ArmName, StageCounts]:
 
 
 def _add(a: StageCounts, b: StageCounts) -> StageCounts:
-    return StageCounts(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(StageCounts)})
+    summed = {f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(StageCounts) if f.name != "latency_bins"}
+    return StageCounts(**summed, latency_bins=add_bins(a.latency_bins, b.latency_bins))
 
 
-def _encode_counts(counts: StageCounts) -> dict[str, int]:
-    return {name: getattr(counts, name) for name in _COUNT_FIELDS}
+def _encode_counts(counts: StageCounts) -> dict[str, Any]:
+    """The counts, and the stage latency histogram as {bin: count} (only non-empty bins)."""
+    encoded: dict[str, Any] = {name: getattr(counts, name) for name in _COUNT_FIELDS}
+    if counts.latency_bins:
+        encoded["latency_bins"] = {str(i): n for i, n in enumerate(counts.latency_bins) if n}
+    return encoded
+
+
+def _decode_counts(data: Mapping[str, Any]) -> StageCounts:
+    bins = data.get("latency_bins") or {}
+    histogram = [0] * STAGE_LATENCY_BINS
+    for index, n in bins.items():
+        histogram[int(index)] = int(n)
+    return StageCounts(
+        **{k: int(data[k]) for k in _COUNT_FIELDS}, latency_bins=tuple(histogram) if bins else ()
+    )
 
 
 def _sum(raw: Mapping[str, str], *, skip: str | None) -> dict[ArmName, StageCounts]:
@@ -318,8 +333,8 @@ def _sum(raw: Mapping[str, str], *, skip: str | None) -> dict[ArmName, StageCoun
             continue
         try:
             data = json.loads(text)
-            counts = {arm: StageCounts(**{k: int(data[arm][k]) for k in _COUNT_FIELDS}) for arm in ARMS}
-        except (ValueError, TypeError, KeyError):
+            counts = {arm: _decode_counts(data[arm]) for arm in ARMS}
+        except (ValueError, TypeError, KeyError, AttributeError):
             log.warning("replica_counts_unreadable", replica=ident)
             continue
         total = {arm: _add(total[arm], counts[arm]) for arm in ARMS}

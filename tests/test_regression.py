@@ -83,3 +83,18 @@ def test_at_weight_100_and_when_turned_off_latency_is_not_compared() -> None:
     _, analysis, evidence = run(3.0, seconds=5)
     off = Policy(stages=(5, 25, 50, 100), p95_ratio=0.0)
     assert "latency.regression" not in judge(analysis, evidence, off, 25).figures["tests"]
+
+
+def test_latency_histograms_of_several_processes_and_replicas_add_up() -> None:
+    from rollout.replica import _add, _decode_counts, _encode_counts
+    from rollout.summed import _add_stage
+
+    one = Arms(1)
+    one.second("canary", 50, 1.0)
+    other = Arms(2)
+    other.second("canary", 70, 2.0)
+    a, b = one.evidence().canary, other.evidence().canary
+    want = tuple(x + y for x, y in zip(a.latency_bins, b.latency_bins))
+    assert _add_stage(a, b).latency_bins == want and _add(a, b).latency_bins == want
+    assert _decode_counts(_encode_counts(a)) == a
+    assert _add(a, StageCounts()).latency_bins == a.latency_bins
