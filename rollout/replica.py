@@ -54,6 +54,7 @@ return value
 _COUNT_FIELDS = ("requests", "errors", "slow_warning", "slow_critical")
 _COUNTS_TTL_MS = 24 * 3600 * 1000
 _HISTORY_TAIL = 50
+_FORGET_AFTER = 3600.0  # seconds without a heartbeat before a replica's entry is deleted
 _MADE = itertools.count()
 
 
@@ -164,7 +165,10 @@ class Replica:
         pipe.get(self.keys.state)
         pipe.hset(self.keys.replicas, self.id, json.dumps(beat))
         pipe.hgetall(self.keys.replicas)
-        holder, _set, _expire, all_counts, raw_state, _beat, heartbeats = await pipe.execute()
+        gone = [b.id for b in self._replicas if b.last_seen < beat["last_seen"] - _FORGET_AFTER]
+        if gone:  # replicas silent for an hour (restarted under a new id): forget them
+            pipe.hdel(self.keys.replicas, *gone)
+        holder, _set, _expire, all_counts, raw_state, _beat, heartbeats, *_ = await pipe.execute()
         return [holder, all_counts, raw_state, heartbeats]
 
     def _take_lease(self, holder: str | None, sent: float) -> None:
