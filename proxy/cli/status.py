@@ -143,8 +143,12 @@ def _evidence(evidence: Mapping[str, Any]) -> list[str]:
     lines.extend(_comparison(evidence.get("comparison") or {}))
     tests = evidence.get("tests") or {}
     if tests:
-        lines.append(f"  {'test':22}{'stage estimate':>15}  {'anytime CI':<17}{'limit':>7}  {'score/boundary':<16}")
+        lines.append(f"  {'test':24}{'stage estimate':>15}  {'anytime CI':<20}{'limit':>8}  {'score/boundary':<16}")
         lines.extend(_test_row(name, test) for name, test in tests.items())
+        lines.append(
+            "  (intervals hold however often they are looked at; compare.*: the canary's share of "
+            "the bad outcomes, its limit its share of the requests)"
+        )
     thresholds = evidence.get("thresholds") or {}
     if thresholds:
         lines.append("  thresholds: " + ", ".join(f"{key} {value:g}" for key, value in thresholds.items()))
@@ -173,8 +177,8 @@ def _test_row(name: str, test: Mapping[str, Any]) -> str:
     limit = test.get("limit", test.get("expected"))
     marks = [mark for key, mark in (("open", "OPEN"), ("below", "shown below"), ("above", "shown above")) if test.get(key)]
     return (
-        f"  {name:22}{_percent(test.get('estimate')):>15}  {interval:<17}{_percent(limit):>7}  "
-        f"{test.get('score', 0):.1f}/{test.get('threshold', 0):.1f}".ljust(84) + " ".join(marks)
+        f"  {name:24}{_percent(test.get('estimate')):>15}  {interval:<20}{_percent(limit):>8}  "
+        f"{test.get('score', 0):.1f}/{test.get('threshold', 0):.1f}".ljust(90) + " ".join(marks)
     ).rstrip()
 
 
