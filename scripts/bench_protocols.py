@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
-
 from bench_load import LoadResult
 from bench_servers import Children, canary_command, free_port, rss_kib
 

@@ -139,9 +139,11 @@ async def test_a_certificate_swapped_by_a_reload_is_served_to_the_next_connectio
     # the renewed certificate keeps serving new connections and requests
     assert (await served_certificate(proxy.proxy_port, client_context(ca)))[0] == renewed
     connector = aiohttp.TCPConnector(ssl=client_context(ca))
-    async with aiohttp.ClientSession(connector=connector) as client:
-        async with client.get(f"https://127.0.0.1:{proxy.proxy_port}/echo") as resp:
-            assert resp.status == 200
+    async with (
+        aiohttp.ClientSession(connector=connector) as client,
+        client.get(f"https://127.0.0.1:{proxy.proxy_port}/echo") as resp,
+    ):
+        assert resp.status == 200
 
 
 def test_validate_names_a_missing_unparsable_or_mismatched_file(tmp_path, ca):
@@ -165,8 +167,10 @@ def test_validate_names_a_missing_unparsable_or_mismatched_file(tmp_path, ca):
 
     assert problems("certs/proxy.pem", "certs/proxy-key.pem") == []
     assert problems("certs/missing.pem", "certs/proxy-key.pem") == [
-        f"{config}:2: tls.cert: {certs / 'missing.pem'}: no such file (give the PEM certificate chain; "
-        "a relative path is taken from the config file's folder)"
+        (
+            f"{config}:2: tls.cert: {certs / 'missing.pem'}: no such file (give the PEM certificate chain; "
+            "a relative path is taken from the config file's folder)"
+        )
     ]
     assert problems("certs/proxy-key.pem", "certs/proxy-key.pem")[0].endswith(
         "not a PEM certificate chain (no certificate or crl found)"

@@ -85,7 +85,8 @@ async def test_text_and_binary_frames_echo_both_ways_through_each_arm(ws_proxy, 
                 pong = await ws.receive(timeout=5)
                 assert (pong.type, pong.data) == (WSMsgType.PONG, b"are you there")
                 await ws.close(code=4000, message=b"bye")
-            await until(lambda: ws_upstreams[arm].app[WS_STATS].close_codes == [4000], what="close code upstream")
+            stats = ws_upstreams[arm].app[WS_STATS]
+            await until(lambda stats=stats: stats.close_codes == [4000], what="close code upstream")
     canary = state.recorders["canary"].stage_counts()
     assert (canary.requests, canary.errors) == (1, 0)
     assert state.websockets.counts() == {"baseline": 0, "canary": 0}
@@ -198,25 +199,27 @@ def stable(stats: Any) -> int:
 @pytest.mark.parametrize("on_rollback", ["close", "keep"])
 async def test_the_canary_losing_its_traffic_closes_its_websockets_with_1012(ws_proxy, on_rollback):
     server, state = await ws_proxy(weight=100, on_rollback=on_rollback)
-    async with aiohttp.ClientSession() as client:
-        async with client.ws_connect(server.make_url("/ws/echo"), headers={"X-Canary": "baseline"}) as base_ws:
-            assert await hello(base_ws) == "baseline"
-            async with client.ws_connect(server.make_url("/ws/echo")) as ws:
-                assert await hello(ws) == "canary"
-                assert state.websockets.counts() == {"baseline": 1, "canary": 1}
-                state.router.set_weight(0)  # what a rollback does
-                if on_rollback == "keep":
-                    await ws.send_str("still here")
-                    assert (await ws.receive(timeout=5)).data == "still here"
-                else:
-                    closing = await ws.receive(timeout=5)
-                    assert closing.type == WSMsgType.CLOSE and closing.data == 1012
-            if on_rollback == "close":
-                assert ws.close_code == 1012
-                async with client.ws_connect(server.make_url("/ws/echo")) as again:
-                    assert await hello(again) == "baseline"  # the reconnect lands on the baseline
-            await base_ws.send_str("untouched")
-            assert (await base_ws.receive(timeout=5)).data == "untouched"
+    async with (
+        aiohttp.ClientSession() as client,
+        client.ws_connect(server.make_url("/ws/echo"), headers={"X-Canary": "baseline"}) as base_ws,
+    ):
+        assert await hello(base_ws) == "baseline"
+        async with client.ws_connect(server.make_url("/ws/echo")) as ws:
+            assert await hello(ws) == "canary"
+            assert state.websockets.counts() == {"baseline": 1, "canary": 1}
+            state.router.set_weight(0)  # what a rollback does
+            if on_rollback == "keep":
+                await ws.send_str("still here")
+                assert (await ws.receive(timeout=5)).data == "still here"
+            else:
+                closing = await ws.receive(timeout=5)
+                assert closing.type == WSMsgType.CLOSE and closing.data == 1012
+        if on_rollback == "close":
+            assert ws.close_code == 1012
+            async with client.ws_connect(server.make_url("/ws/echo")) as again:
+                assert await hello(again) == "baseline"  # the reconnect lands on the baseline
+        await base_ws.send_str("untouched")
+        assert (await base_ws.receive(timeout=5)).data == "untouched"
     canary = state.recorders["canary"]
     await until(lambda: canary.inflight == 0, what="canary outcome recorded")
     assert canary.code_totals[-1] == 0  # a proxy-initiated close is no error of the canary

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
-from tests.admin_support import TOKEN, admin_get, admin_post, upstream_url, until_status
+from tests.admin_support import TOKEN, admin_get, admin_post, until_status, upstream_url
 from tests.serve_process import ServeProcess, write_config
 from tests.ws_upstreams import make_ws_upstream_app
 

@@ -35,7 +35,6 @@ class ListenerTls:
         current = self._current
         if connection.context is not current:
             connection.context = current
-        return None
 
     def load(self, settings: TlsSettings) -> bool:
         """Re-read the files; the next connection gets them. False (and the old

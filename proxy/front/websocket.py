@@ -17,7 +17,7 @@ drops the connection without a close frame is an error; a client that leaves is 
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import structlog
 from aiohttp import web
@@ -50,7 +50,7 @@ def is_websocket_upgrade(request: web.BaseRequest) -> bool:
 class _ClientSide(asyncio.Protocol):
     """Takes the client's transport over from aiohttp once the upgrade is answered."""
 
-    __slots__ = ("relay", "previous")
+    __slots__ = ("previous", "relay")
 
     def __init__(self, relay: Relay, previous: asyncio.BaseProtocol) -> None:
         self.relay = relay
@@ -77,9 +77,21 @@ class Relay:
     """One open WebSocket: both transports, both directions' frame trackers, the outcome."""
 
     __slots__ = (
-        "arm", "client", "upstream", "upstream_transport", "from_client_frames", "from_upstream_frames", "done",
-        "_finished", "_first_close", "_to_client", "_to_upstream", "_stop_to_client", "_stop_to_upstream", "_grace",
         "__weakref__",
+        "_finished",
+        "_first_close",
+        "_grace",
+        "_stop_to_client",
+        "_stop_to_upstream",
+        "_to_client",
+        "_to_upstream",
+        "arm",
+        "client",
+        "done",
+        "from_client_frames",
+        "from_upstream_frames",
+        "upstream",
+        "upstream_transport",
     )
 
     def __init__(

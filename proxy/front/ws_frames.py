@@ -20,7 +20,7 @@ ABNORMAL_CLOSE_CODES = frozenset({1006, 1011})  # an upstream closing with these
 class FrameTracker:
     """One direction of one connection: frame boundaries and the first close code."""
 
-    __slots__ = ("_remaining", "_header", "_mask", "_code", "_code_wanted", "close_code")
+    __slots__ = ("_code", "_code_wanted", "_header", "_mask", "_remaining", "close_code")
 
     def __init__(self) -> None:
         self._remaining = 0  # payload bytes of the current frame still to come

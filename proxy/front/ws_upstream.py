@@ -48,7 +48,7 @@ class Handshake:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("arm", "transport", "relay", "answer", "done", "_parser", "_head_size", "_body", "_body_size")
+    __slots__ = ("_body", "_body_size", "_head_size", "_parser", "answer", "arm", "done", "relay", "transport")
 
     def __init__(self, arm: str, loop: asyncio.AbstractEventLoop) -> None:
         self.arm = arm
