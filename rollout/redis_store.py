@@ -43,7 +43,14 @@ from redis.exceptions import RedisError
 from config.errors import StateCorrupt, StateError
 from config.settings import RedisSettings, Settings, redact_url
 from rollout.state import RolloutState, Transition
-from rollout.store import RECENT_HISTORY, Change, JsonFileStore, StateStore, Stored, Write
+from rollout.store import (
+    RECENT_HISTORY,
+    Change,
+    JsonFileStore,
+    StateStore,
+    Stored,
+    Write,
+)
 
 __all__ = ["RedisKeys", "RedisLink", "RedisStore", "RedisUnreachable", "offline_store"]
 
@@ -162,13 +169,13 @@ class RedisLink:
         """Run `call` and wait for it; RedisUnreachable when Redis does not answer."""
         try:
             return self.submit(call).result(self.timeout * 2 + 1)
-        except (RedisError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError, concurrent.futures.TimeoutError) as exc:
             raise self.unreachable(exc) from exc
 
     async def acall(self, call: Callable[[Redis], Awaitable[T]]) -> T:
         try:
             return await asyncio.wrap_future(self.submit(call))
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             raise self.unreachable(exc) from exc
 
     def unreachable(self, exc: BaseException) -> RedisUnreachable:
@@ -189,8 +196,8 @@ class RedisLink:
 
         try:
             asyncio.run_coroutine_threadsafe(shut(), self._loop).result(self.timeout * 2)
-        except Exception:  # closing a dead connection: nothing left to do
-            pass
+        except (RedisError, OSError, TimeoutError, concurrent.futures.TimeoutError) as exc:
+            log.info("redis_close_failed", url=self.url, error=str(exc) or type(exc).__name__)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=2)
 
@@ -237,7 +244,9 @@ class RedisStore:
                 write = change(current)
                 if write is None:
                     return current
-                outcome, revision = self.link.call(lambda client: self._write(client, current, write))
+                outcome, revision = self.link.call(
+                    lambda client, current=current, write=write: self._write(client, current, write)
+                )
                 if outcome == _WRITTEN:
                     return self._written(write, revision)
                 if outcome == _NOT_DECIDER:

@@ -16,6 +16,7 @@ makes every replica read the new state at once, and the per-tick read is the fal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -27,10 +28,18 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from config.settings import ARMS, ArmName, Settings
-from rollout.evidence import STAGE_LATENCY_BINS, ArmSnapshot, ArmTotals, EvidenceSource, StageCounts, add_bins
-from rollout.redis_store import RedisKeys, RedisLink, RedisStore, RedisUnreachable
+from rollout.evidence import (
+    STAGE_LATENCY_BINS,
+    ArmSnapshot,
+    ArmTotals,
+    EvidenceSource,
+    StageCounts,
+    add_bins,
+)
+from rollout.redis_store import RedisLink, RedisStore, RedisUnreachable
 from rollout.state import RolloutState, Transition, to_iso
 
 __all__ = ["LEASE", "Replica", "SharedEvidence", "replica_id", "stage_key"]
@@ -228,13 +237,11 @@ class Replica:
                         notify()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Redis went away: subscribe again shortly
+            except (RedisError, OSError, TimeoutError):  # Redis went away: subscribe again shortly
                 await asyncio.sleep(0.5)
             finally:
-                try:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await pubsub.aclose()
-                except Exception:
-                    pass
 
     def _notified(self) -> None:
         if not self._refreshing:

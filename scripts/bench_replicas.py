@@ -31,7 +31,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-
 from bench_servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent

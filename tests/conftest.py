@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -17,12 +18,13 @@ from config.settings import (
     TimeoutSettings,
     UpstreamSettings,
 )
-from proxy.upstream.pool import HTTP1_CLIENTS, make_transport
 from proxy.front.fallback import Fallback
-from proxy.front.routing import Router, RoutingSnapshot
 from proxy.front.forward import PROXY_SERVER_OPTIONS, ProxyState, make_proxy_handler
+from proxy.front.routing import Router, RoutingSnapshot
+from proxy.upstream.pool import HTTP1_CLIENTS, make_transport
 from rollout.evidence import OutcomeRecorder
 from tests.admin_support import canary  # noqa: F401 (fixture: a real `canary serve`)
+from tests.redis_server import redis_server  # noqa: F401 (fixture: a real redis-server)
 from tests.upstreams import make_upstream_app
 
 
@@ -94,4 +96,4 @@ async def proxy_factory(aiohttp_raw_server, upstreams, http1_client) -> ProxyFac
             await transport.close()
 
 
-__all__ = ["upstream_settings", "ProxyFactory", "replace", "StickyKey", "web"]
+__all__ = ["ProxyFactory", "StickyKey", "replace", "upstream_settings", "web"]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from playwright.async_api import async_playwright, expect
 
-from tests.redis_server import redis_server  # noqa: F401 (fixture)
+from tests.polling import until_async
 from tests.replica_support import redis_config
 from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS, wait_loaded
 from tests.test_replica_faults import serving, statuses
 from tests.test_rollout_e2e import rollout_config
-from tests.polling import until_async
 
 
 async def test_the_dashboard_lists_the_replicas_and_the_decider(tmp_path, upstreams, redis_server):

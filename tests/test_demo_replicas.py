@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 from pathlib import Path
 
 from tests.admin_support import run_cli
@@ -15,9 +13,9 @@ async def test_three_replicas_roll_back_a_failing_canary_together(tmp_path: Path
     code, out, err, _took = await run_demo(tmp_path, "--replicas", "3", "--canary-error-rate", "0.3")
     assert code == 0, err
     assert "Traceback" not in err
-    assert re.search(r"^Result:\s+ROLLED BACK", out, re.M), out
+    assert re.search(r"^Result:\s+ROLLED BACK", out, re.MULTILINE), out
     assert "3 replicas sharing one Redis" in out and "backend: redis" in out
-    replicas = re.findall(r"^  replica (\S+) +weight +(\d+)% +(\S+)( +decider)?$", out, re.M)
+    replicas = re.findall(r"^  replica (\S+) +weight +(\d+)% +(\S+)( +decider)?$", out, re.MULTILINE)
     assert len({r[0] for r in replicas}) == 3, out
     assert {(weight, state) for _id, weight, state, _d in replicas} == {("0", "rolled_back")}
     assert sum(bool(r[3]) for r in replicas) == 1  # one decider

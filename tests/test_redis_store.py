@@ -13,7 +13,6 @@ from config.settings import RedisSettings
 from rollout.redis_store import RedisKeys, RedisLink, RedisStore, offline_store
 from rollout.state import RolloutState, Transition
 from rollout.store import Stored, Write, record_offline_rollback
-from tests.redis_server import redis_server  # noqa: F401 (fixture)
 
 NOW = 1_700_000_000.0
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 from tests.admin_support import admin_get, admin_post, run_cli, stays
 from tests.polling import until, until_async
-from tests.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
+from tests.redis_server import RedisServer
 from tests.replica_support import redis_config, spread_traffic
 from tests.serve_process import ServeProcess
 from tests.test_rollout_e2e import rollout_config

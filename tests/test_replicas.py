@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from tests.polling import until
-from tests.redis_server import redis_server  # noqa: F401 (fixture)
 from tests.replica_support import redis_config, replicas, spread_traffic
 from tests.test_rollout_e2e import rollout_config
 from tests.upstreams import STATS
