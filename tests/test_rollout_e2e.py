@@ -118,13 +118,11 @@ async def test_hanging_canary_is_rolled_back_while_it_hangs(tmp_path, upstreams)
     config = rollout_config(tmp_path, upstreams, bake="1h")
     write_config(config, config.read_text().replace("bake: 1h", "bake: 1h, weight: 50"))
     async with running(config) as server, traffic(server, concurrency=64):
-        loop = asyncio.get_running_loop()
         await until(lambda: canary.inflight >= 20, timeout=10, what="20 hung canary requests")
-        hung_at = loop.time()
-        await until(lambda: server.controller.state.state == "rolled_back", timeout=10, what="rollback")
-        took = loop.time() - hung_at
+        await until(lambda: server.controller.state.state == "rolled_back", timeout=30, what="rollback")
+        still_hanging = canary.inflight
         canary.release.set()
-    assert took < 5.0, f"rolled back {took:.1f}s after 20 requests hung"
+    assert still_hanging >= 20, "rolled back only after the hung requests ended, not while they hung"
     rollback = [t for t in server.controller.history() if t["action"] == "rollback"][-1]
     assert "latency.p99_critical" in rollback["reason"], rollback["reason"]
 

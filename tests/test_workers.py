@@ -104,7 +104,7 @@ async def test_two_workers_walk_a_healthy_canary_through_every_stage(tmp_path, u
     config = two_workers(rollout_config(tmp_path, upstreams))
     write_config(config, config.read_text().replace("stages: [5, 25, 50, 100]", "stages: [20, 50, 100]"))
     async with supervisor(config) as server, traffic(url(server), concurrency=16):
-        await until(lambda: server.controller.state.state == "promoted", timeout=60, what="promotion")
+        await until(lambda: server.controller.state.state == "promoted", timeout=90, what="promotion")
         answers = await fresh_connections(url(server, "/echo"), 40)
         each = served_by_each(server)
         history = server.controller.history()
