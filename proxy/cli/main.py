@@ -95,6 +95,7 @@ def _serve(path: str, workers: int | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     from proxy.front.server import CanaryServer
+    from proxy.front.worker import install_uvloop
     from proxy.logs import configure_logging
     from proxy.upstream.pool import client_override
 
@@ -105,7 +106,7 @@ def _serve(path: str, workers: int | None = None) -> int:
         return EXIT_USAGE
 
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
-    _install_uvloop()
+    install_uvloop()
     try:
         asyncio.run(CanaryServer(settings, workers=workers).run_until_signalled())
     except (OSError, WorkerStartError) as exc:
@@ -113,13 +114,3 @@ def _serve(path: str, workers: int | None = None) -> int:
         return EXIT_RUNTIME
     return EXIT_OK
 
-
-def _install_uvloop() -> None:
-    """uvloop is an optional speed-up (`pip install canary-proxy[speed]`)."""
-    if os.environ.get("CANARY_NO_UVLOOP"):
-        return
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
