@@ -222,9 +222,11 @@ def _routing(section: Section) -> RoutingSettings:
 
 
 def _fallback(section: Section) -> FallbackSettings:
-    found = section.fields(enabled=boolean, max_body=size)
+    found = section.fields(enabled=boolean, max_body=fallback_body_size)
     kinds = section.items("on", choice(*FALLBACK_KINDS), expected="failure kinds such as [connect, timeout, 5xx]")
-    if kinds is not None:
+    if kinds == []:
+        section.problem("on", "must list at least one failure kind (connect, timeout, 5xx); set enabled: false to turn fallback off")
+    elif kinds is not None:
         found["on"] = tuple(dict.fromkeys(item.value for item in kinds))  # type: ignore[misc]
     return FallbackSettings(**found)
 
@@ -355,7 +357,10 @@ def redis_url(scalar: Scalar) -> str:
         raise Invalid(f"expected a URL such as redis://127.0.0.1:6379/0, got {scalar.show()}")
     text = text.strip()
     shown = repr(redact_url(text))
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # e.g. an unclosed [IPv6] host
+        raise Invalid(f"is not a valid URL ({exc}), got {shown}") from None
     if parts.scheme not in ("redis", "rediss"):
         raise Invalid(f"must start with redis:// or rediss://, got {shown}")
     try:
@@ -429,6 +434,17 @@ def size(scalar: Scalar) -> int:
         return parse_size(scalar.value if isinstance(scalar.value, int) else scalar.text)
     except ValueError as exc:
         raise Invalid(str(exc)) from None
+
+
+MAX_FALLBACK_BODY = 64 * 1024 * 1024
+
+
+def fallback_body_size(scalar: Scalar) -> int:
+    """`routing.fallback.max_body`: bodies kept in memory for a replay, so bounded (64 MiB)."""
+    value = size(scalar)
+    if value > MAX_FALLBACK_BODY:
+        raise Invalid(f"at most 64MiB (each kept body is held in memory for a replay), got {scalar.show()}")
+    return value
 
 
 def host_port(scalar: Scalar) -> HostPort:

@@ -177,3 +177,11 @@ def test_fallback_settings_are_read_and_checked(tmp_path):
         "routing.fallback.enabled", "routing.fallback.max_body", "routing.fallback.on[0]",
     ]
     assert "must be one of connect, timeout, 5xx, got '4xx'" in bad[2]
+
+
+def test_fallback_keeps_bodies_within_a_memory_bound_and_needs_a_failure_kind(tmp_path):
+    from tests.test_config import MINIMAL, problems
+
+    bad = problems(tmp_path, MINIMAL + "routing:\n  fallback: {enabled: true, on: [], max_body: 100GiB}\n")
+    assert [line.split(": ", 2)[1] for line in bad] == ["routing.fallback.max_body", "routing.fallback.on"]
+    assert "at most 64MiB" in bad[0] and "at least one failure kind" in bad[1]

@@ -69,3 +69,14 @@ async def test_validate_never_prints_the_password(tmp_path):
     result = await run_cli("validate", "-c", str(config), env={"PW": "s3cret"})
     assert result.code == 2 and "ftp://***@h" in result.out + result.err
     assert "s3cret" not in result.out + result.err
+
+
+async def test_a_malformed_redis_url_is_a_config_error_not_a_traceback(tmp_path):
+    assert problems('state: {redis: {url: "redis://u:s3cret@[::1/0"}}\n') == [
+        "state.redis.url: is not a valid URL (Invalid IPv6 URL), got 'redis://***@[::1/0'"
+    ]
+    config = tmp_path / "c.yaml"
+    config.write_text(BASE + 'state: {backend: redis, redis: {url: "redis://u:s3cret@[::1/0"}}\n')
+    result = await run_cli("validate", "-c", str(config))
+    assert result.code == 2 and "state.redis.url: is not a valid URL" in result.out
+    assert "Traceback" not in result.out + result.err and "s3cret" not in result.out + result.err

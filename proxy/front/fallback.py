@@ -36,6 +36,7 @@ __all__ = [
 
 FALLBACK_HEADER = "X-Canary-Fallback"
 _BUDGET_BODIES = 64  # bodies of max_body kept at once, at most (64 MiB at the default)
+_BUDGET_CAP = 256 * 1024 * 1024  # and never more than this in all, whatever max_body is
 
 
 class FallbackNeeded(Exception):
@@ -94,7 +95,7 @@ class Fallback:
         self.kinds: frozenset[FallbackKind] = frozenset(settings.on)
         self.enabled = settings.enabled and bool(self.kinds)
         self.max_body = settings.max_body
-        self.budget = max(settings.max_body, 1) * _BUDGET_BODIES
+        self.budget = min(max(settings.max_body, 1) * _BUDGET_BODIES, _BUDGET_CAP)
 
     def replayable_length(self, request: web.BaseRequest) -> int | None:
         """The body length to keep (0 for none), or None when the body must stream."""
