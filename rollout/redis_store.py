@@ -200,6 +200,8 @@ class RedisLink:
             log.info("redis_close_failed", url=self.url, error=str(exc) or type(exc).__name__)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=2)
+        if not self._thread.is_alive():
+            self._loop.close()  # else its __del__ prints a traceback at exit (offline rollback)
 
 
 class RedisStore:
