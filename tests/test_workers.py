@@ -304,3 +304,23 @@ async def test_a_sticky_key_gets_the_same_arm_on_every_worker(tmp_path, upstream
         await until(lambda: min(served_by_each(server)) > 10, timeout=5, what="both workers served")
     assert all(len(seen) == 1 for seen in arms.values()), arms
     assert {arm for seen in arms.values() for arm in seen} == {"baseline", "canary"}
+
+
+async def test_a_stopped_worker_is_killed_and_restarted_so_it_no_longer_swallows_connections(tmp_path, upstreams):
+    config = two_workers(control_config(tmp_path / "canary.yaml", upstreams, weight=50))
+    with capture_logs() as logs:
+        async with supervisor(config) as server:
+            victim = server.workers_status()[1]
+            os.kill(victim["pid"], signal.SIGSTOP)  # a wedged worker: alive, silent, still on the socket
+            try:
+                await until(
+                    lambda: server.workers_status()[1]["pid"] != victim["pid"] and server.workers_status()[1]["alive"],
+                    timeout=30, what="the stopped worker replaced",
+                )
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim["pid"], signal.SIGCONT)
+            answers = await fresh_connections(url(server, "/echo"), 40)
+    unresponsive = [event for event in logs if event["event"] == "worker_unresponsive"]
+    assert unresponsive and unresponsive[0]["slot"] == 1 and unresponsive[0]["pid"] == victim["pid"]
+    assert [status for status, _arm in answers] == [200] * 40  # every fresh connection answered again

@@ -33,6 +33,7 @@ log = structlog.get_logger("canary.workers")
 _START_TIMEOUT = 30.0  # every worker must be accepting within this at start
 _MAX_BACKOFF = 5.0  # between restarts of a worker that keeps dying at once
 _STABLE = 1.0  # a worker that lived this long is restarted at once
+_UNRESPONSIVE = 5.0  # seconds without a report (at least 10 intervals) before a worker is killed
 
 
 @dataclass(eq=False)
@@ -44,6 +45,7 @@ class _Worker:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     reader: asyncio.Task[None] | None = None
     waiter: asyncio.Future[None] | None = None
+    last_heard: float = 0.0  # the supervisor loop's clock: its last report (or its start)
 
     @property
     def alive(self) -> bool:
@@ -137,6 +139,16 @@ class WorkerPool:
                 worker.tell(sync)
         if waiters:
             await asyncio.wait(waiters, timeout=timeout)
+        self._kill_unresponsive(loop.time(), max(_UNRESPONSIVE, 10 * timeout))
+
+    def _kill_unresponsive(self, now: float, silence: float) -> None:
+        """A worker that has not answered for `silence` seconds (a wedged event loop, a
+        stopped process) still holds its share of the listen socket and would swallow
+        connections: kill it, and `_supervise` restarts it."""
+        for worker in self._workers.values():
+            if worker.alive and now - worker.last_heard > silence:
+                log.error("worker_unresponsive", slot=worker.slot, pid=worker.proc.pid, silent=round(now - worker.last_heard, 1))
+                worker.proc.kill()
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
@@ -243,6 +255,7 @@ class WorkerPool:
             while True:
                 message = await receive(reader)
                 if isinstance(message, WorkerReport):
+                    worker.last_heard = asyncio.get_running_loop().time()
                     self.evidence.receive(worker.slot, message)
                     if worker.waiter is not None and not worker.waiter.done():
                         worker.waiter.set_result(None)
@@ -257,6 +270,7 @@ class WorkerPool:
             worker.writer.close()
 
     def _on_ready(self, worker: _Worker, ready: Ready) -> None:
+        worker.last_heard = asyncio.get_running_loop().time()
         worker.ready.set()
         first = not self._first_ready[worker.slot].is_set()
         self._first_ready[worker.slot].set()
