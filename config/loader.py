@@ -257,7 +257,10 @@ def http_method(scalar: Scalar) -> str:
     text = string_text(scalar)
     if text is None or not _TOKEN.fullmatch(text.strip()):
         raise Invalid(f"expected an HTTP method such as GET, got {scalar.show()}")
-    return text.strip().upper()
+    method = text.strip().upper()
+    if method in ("CONNECT", "TRACE"):
+        raise Invalid(f"{method} is never forwarded (the proxy answers it 405 itself), got {scalar.show()}")
+    return method
 
 
 def _stages(section: Section) -> tuple[int, ...] | None:
@@ -312,7 +315,7 @@ def _analysis(section: Section) -> AnalysisSettings:
 def _ratio_or_off(scalar: Scalar) -> float:
     """`analysis.latency.regression.p95_ratio`: a number above 1, or 0 to turn it off."""
     value = scalar.value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value == 0 or value > 1):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value == 0 or 1 < value < float("inf")):
         raise Invalid(f"expected a ratio above 1 (such as 1.5), or 0 to turn it off, got {scalar.show()}")
     return float(value)
 

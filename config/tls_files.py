@@ -38,6 +38,8 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 def check_tls_files(cert: Path, key: Path) -> TlsFileProblem | None:
     """The first problem with the certificate chain and key, or None when they load."""
     for name, path in (("cert", cert), ("key", key)):
+        if path.exists() and not path.is_file():
+            return TlsFileProblem(key=name, message=f"{path}: not a file (give the PEM file itself, not a folder)")
         if not path.is_file():
             what = "certificate chain" if name == "cert" else "private key"
             return TlsFileProblem(key=name, message=f"{path}: no such file (give the PEM {what}; "

@@ -38,7 +38,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from config.errors import StateCorrupt, StateError
 from config.settings import RedisSettings, Settings, redact_url
@@ -180,6 +180,8 @@ class RedisLink:
 
     def unreachable(self, exc: BaseException) -> RedisUnreachable:
         detail = str(exc) or type(exc).__name__
+        if isinstance(exc, AuthenticationError) or isinstance(exc.__cause__, AuthenticationError):
+            return RedisUnreachable(f"Redis at {self.url} refused the credentials: {detail} (check the password in state.redis.url)")
         return RedisUnreachable(f"Redis at {self.url} did not answer: {detail}")
 
     def run_task(self, coro: Awaitable[None]) -> concurrent.futures.Future[None]:

@@ -141,3 +141,19 @@ state: {{backend: redis, redis: {{url: "{redis_server.url}", key_prefix: cp}}}}
     assert "cp:shop:" in where and stored.state.state == "rolled_back"
     assert json.loads(redis_server.client().get("cp:shop:state"))["state"] == "rolled_back"
     assert redis_server.client().llen("cp:shop:history") == 1
+
+
+def test_a_wrong_password_is_reported_as_refused_credentials_not_silence():
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(password="right-one").start()
+    link = RedisLink(RedisSettings(url=f"redis://:wrong-one@127.0.0.1:{server.port}/0", timeout=0.5))
+    try:
+        with pytest.raises(StateError) as caught:
+            RedisStore(link, RedisKeys.of("canary", "test")).prime()
+    finally:
+        link.close()
+        server.stop()
+    message = str(caught.value)
+    assert "refused the credentials" in message and "did not answer" not in message
+    assert "wrong-one" not in message and "right-one" not in message

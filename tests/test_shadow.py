@@ -87,3 +87,7 @@ def test_shadow_settings_are_read_and_checked(tmp_path):
     bad = problems(tmp_path, MINIMAL + "rollout: {shadow: soon, shadow_share: 0, shadow_methods: []}\n")
     assert [line.split(": ", 2)[1] for line in bad] == ["rollout.shadow", "rollout.shadow_share", "rollout.shadow_methods"]
     assert "must list at least one method" in bad[2]
+    refused = problems(tmp_path, MINIMAL + "rollout: {shadow_methods: [GET, connect]}\n")
+    assert len(refused) == 1 and "rollout.shadow_methods[1]: CONNECT is never forwarded" in refused[0]
+    off = problems(tmp_path, MINIMAL + "analysis: {latency: {regression: {p95_ratio: .inf}}}\n")
+    assert len(off) == 1 and "analysis.latency.regression.p95_ratio: expected a ratio above 1" in off[0]

@@ -172,6 +172,9 @@ def test_validate_names_a_missing_unparsable_or_mismatched_file(tmp_path, ca):
             "a relative path is taken from the config file's folder)"
         )
     ]
+    assert problems("certs", "certs/proxy-key.pem") == [
+        f"{config}:2: tls.cert: {certs}: not a file (give the PEM file itself, not a folder)"
+    ]
     assert problems("certs/proxy-key.pem", "certs/proxy-key.pem")[0].endswith(
         "not a PEM certificate chain (no certificate or crl found)"
     )
